@@ -1,0 +1,64 @@
+"""CLSA routing and sparse attention: pure-MLX references and the dispatch the model calls.
+
+Index lists are int32 `[B, L, k]`, ascending by position, padded with -1 where a row has
+fewer than k visible positions. Row l of a call sees positions s <= offset + l.
+"""
+
+import mlx.core as mx
+
+
+def index_scores(q_idx: mx.array, k_idx: mx.array) -> mx.array:
+    """Plain dot product of index queries `[B, L, d]` with index keys `[B, T, d]`, in fp32."""
+    return q_idx.astype(mx.float32) @ k_idx.astype(mx.float32).swapaxes(-1, -2)
+
+
+def route_ref(q_idx: mx.array, k_idx: mx.array, k: int, offset: int) -> mx.array:
+    """Exact causal top-k per query row; ties go to the lower position."""
+    B, L, _ = q_idx.shape
+    T = k_idx.shape[1]
+    pos = mx.arange(T)
+    visible = pos[None, None] <= (offset + mx.arange(L))[None, :, None]
+    scores = mx.where(visible, index_scores(q_idx, k_idx), -mx.inf)
+    # Threshold select: all scores above the k-th largest, then the lowest-position ties.
+    kth = mx.topk(scores, min(k, T), axis=-1).min(axis=-1, keepdims=True)
+    above = scores > kth
+    tie = scores == kth
+    need = min(k, T) - above.sum(axis=-1, keepdims=True)
+    take = visible & (above | (tie & (mx.cumsum(tie, axis=-1) <= need)))
+    slot = mx.where(take, mx.cumsum(take, axis=-1) - 1, k)
+    out = mx.full((B, L, k + 1), -1, dtype=mx.int32)
+    out = mx.put_along_axis(out, slot, mx.broadcast_to(pos.astype(mx.int32), slot.shape), axis=-1)
+    return out[..., :k]
+
+
+def select_kv_ref(q_idx, k_idx, keys, values, k: int):
+    """Decode: route the newest token over all T > k cached positions and gather its
+    k keys and values `[B, Hkv, k, hd]` once, for every cross layer to attend over."""
+    T = k_idx.shape[1]
+    idx = route_ref(q_idx[:, -1:], k_idx, k, T - 1)[:, 0]
+    idx = idx[:, None, :, None]
+    return mx.take_along_axis(keys, idx, axis=2), mx.take_along_axis(values, idx, axis=2)
+
+
+def sparse_attention_ref(q, keys, values, idx, scale: float) -> mx.array:
+    """Each query row attends only to its own index list.
+    q `[B, Hq, L, hd]`, keys/values `[B, Hkv, T, hd]`, idx `[B, L, k]` -> `[B, Hq, L, hd]`."""
+    B, L, _ = idx.shape
+    T = keys.shape[2]
+    mask = mx.zeros((B, L, T + 1), dtype=mx.bool_)
+    mask = mx.put_along_axis(mask, mx.where(idx < 0, T, idx), mx.array(True), axis=-1)
+    return mx.fast.scaled_dot_product_attention(
+        q, keys, values, scale=scale, mask=mask[:, None, :, :T]
+    )
+
+
+def route(q_idx, k_idx, k: int, offset: int) -> mx.array:
+    return route_ref(q_idx, k_idx, k, offset)
+
+
+def select_kv(q_idx, k_idx, keys, values, k: int):
+    return select_kv_ref(q_idx, k_idx, keys, values, k)
+
+
+def sparse_attention(q, keys, values, idx, scale: float) -> mx.array:
+    return sparse_attention_ref(q, keys, values, idx, scale)
