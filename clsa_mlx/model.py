@@ -1,0 +1,283 @@
+from typing import Any, List, NamedTuple, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
+
+from .config import ModelArgs
+from .retention import gated_retention
+from .sparse import route, select_kv, sparse_attention
+
+
+class RoPE(nn.Module):
+    """'yoco': angles 1/theta**linspace(0, 1, d/2) on interleaved pairs (official YOCO).
+    'standard': angles theta**(-2i/d) on the two halves (Llama)."""
+
+    def __init__(self, dims: int, theta: float, style: str):
+        super().__init__()
+        self.dims = dims
+        self.traditional = style == "yoco"
+        self.base = None if self.traditional else theta
+        self._freqs = theta ** mx.linspace(0, 1, dims // 2) if self.traditional else None
+
+    def __call__(self, x, offset: int = 0):
+        return mx.fast.rope(
+            x, self.dims, traditional=self.traditional, base=self.base,
+            scale=1.0, offset=offset, freqs=self._freqs,
+        )
+
+
+class FeedForwardNetwork(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.fc1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.gate = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.fc2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def __call__(self, x):
+        return self.fc2(swiglu(self.fc1(x), self.gate(x)))
+
+
+def split_heads(x, n_heads):
+    B, L, _ = x.shape
+    return x.reshape(B, L, n_heads, -1)
+
+
+def merge_heads(x):
+    B, _, L, _ = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
+class SlidingWindowAttention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hd = args.self_head_dim
+        self.n_heads, self.n_kv_heads = args.n_self_heads, args.n_self_kv_heads
+        self.scale = hd**-0.5
+        self.q_proj = nn.Linear(args.dim, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(args.dim, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(args.dim, self.n_kv_heads * hd, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * hd, args.dim, bias=False)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(hd, eps=args.norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=args.norm_eps)
+        self.rope = RoPE(hd, args.rope_theta, args.rope_style)
+
+    def __call__(self, x, mask, cache, offset: int):
+        q = split_heads(self.q_proj(x), self.n_heads)
+        k = split_heads(self.k_proj(x), self.n_kv_heads)
+        v = split_heads(self.v_proj(x), self.n_kv_heads).transpose(0, 2, 1, 3)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = self.rope(q.transpose(0, 2, 1, 3), offset)
+        k = self.rope(k.transpose(0, 2, 1, 3), offset)
+        k, v = cache.update_and_fetch(k, v)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.out_proj(merge_heads(o))
+
+
+class GateRetention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D, self.n_heads = args.dim, args.n_self_heads
+        self.q_proj = nn.Linear(D, D, bias=False)
+        self.k_proj = nn.Linear(D, D, bias=False)
+        self.v_proj = nn.Linear(D, D, bias=False)
+        self.g_proj = nn.Linear(D, D, bias=False)
+        self.gt_proj = nn.Linear(D, self.n_heads, bias=False)
+        self.out_proj = nn.Linear(D, D, bias=False)
+        self.scale = args.self_head_dim**-0.5
+        self.gate_logit_normalizer = args.gate_logit_normalizer
+        self.eps = args.norm_eps
+        self.rope = RoPE(args.self_head_dim, args.rope_theta, args.rope_style)
+
+    def __call__(self, x, mask, cache, offset: int):
+        B, L, _ = x.shape
+        f32 = mx.float32
+        q = self.rope(split_heads(self.q_proj(x), self.n_heads).transpose(0, 2, 1, 3), offset)
+        k = self.rope(split_heads(self.k_proj(x), self.n_heads).transpose(0, 2, 1, 3), offset)
+        v = split_heads(self.v_proj(x), self.n_heads).transpose(0, 2, 1, 3)
+        a = nn.log_sigmoid(self.gt_proj(x).astype(f32)).transpose(0, 2, 1) / self.gate_logit_normalizer
+        state = cache[0]
+        if state is None:
+            state = mx.zeros((B, self.n_heads, q.shape[-1], v.shape[-1]), dtype=f32)
+        o, cache[0] = gated_retention(
+            q.astype(f32), k.astype(f32) * self.scale, v.astype(f32), a, state
+        )
+        o = merge_heads(mx.fast.rms_norm(o, None, self.eps)).astype(x.dtype)
+        return self.out_proj(nn.silu(self.g_proj(x)) * o)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, mixer: nn.Module):
+        super().__init__()
+        self.mixer_layer_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.mixer = mixer
+        self.final_layer_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn = FeedForwardNetwork(args)
+
+    def __call__(self, x, *mixer_args):
+        h = x + self.mixer(self.mixer_layer_norm(x), *mixer_args)
+        return h + self.ffn(self.final_layer_norm(h))
+
+
+class SelfDecoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.window = args.sliding_window if args.self_decoder == "swa" else None
+        mixer = SlidingWindowAttention if self.window else GateRetention
+        self.layers = [DecoderLayer(args, mixer(args)) for _ in range(args.n_layers // 2)]
+
+    def __call__(self, x, caches, offset: int):
+        mask = None
+        if self.window:
+            mask = create_attention_mask(x, caches[0], window_size=self.window)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, mask, cache, offset)
+        return x
+
+
+class Memory(NamedTuple):
+    """The one global K/V every cross layer reads, and how to read it."""
+
+    keys: mx.array
+    values: mx.array
+    mask: Any = None
+    index: Optional[mx.array] = None
+    offset: int = 0
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, hd = args.n_attn_heads, args.head_dim
+        self.scale = hd**-0.5
+        self.q_proj = nn.Linear(args.dim, self.n_heads * hd, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * hd, args.dim, bias=False)
+        self.qk_norm = args.cross_qk_norm
+        if self.qk_norm:
+            self.q_norm = nn.RMSNorm(hd, eps=args.norm_eps)
+        self.rope = RoPE(hd, args.rope_theta, args.rope_style) if args.cross_rope else None
+
+    def __call__(self, x, memory: Memory):
+        q = split_heads(self.q_proj(x), self.n_heads)
+        if self.qk_norm:
+            q = self.q_norm(q)
+        q = q.transpose(0, 2, 1, 3)
+        if self.rope is not None:
+            q = self.rope(q, memory.offset)
+        if memory.index is not None:
+            o = sparse_attention(q, memory.keys, memory.values, memory.index, self.scale)
+        else:
+            o = mx.fast.scaled_dot_product_attention(
+                q, memory.keys, memory.values, scale=self.scale, mask=memory.mask
+            )
+        return self.out_proj(merge_heads(o))
+
+
+class Indexer(nn.Module):
+    """CLSA's single-head router. It reads H (after kv_layer_norm), has no RoPE, and its
+    plain dot-product scores pick one top-k set per token for every cross layer."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.q_proj = nn.Linear(args.dim, args.index_head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.index_head_dim, bias=False)
+
+
+class CrossDecoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_kv_heads, hd = args.n_attn_kv_heads, args.head_dim
+        self.topk = args.index_topk
+        self.kv_layer_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.k_proj = nn.Linear(args.dim, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(args.dim, self.n_kv_heads * hd, bias=False)
+        self.qk_norm = args.cross_qk_norm
+        if self.qk_norm:
+            self.k_norm = nn.RMSNorm(hd, eps=args.norm_eps)
+        self.rope = RoPE(hd, args.rope_theta, args.rope_style) if args.cross_rope else None
+        if self.topk:
+            self.indexer = Indexer(args)
+        self.layers = [DecoderLayer(args, CrossAttention(args)) for _ in range(args.n_layers // 2)]
+
+    def memory(self, x, kv_cache, index_cache, offset: int) -> Memory:
+        """Write this chunk's shared K/V (and index keys) once; decide what cross layers read."""
+        H = self.kv_layer_norm(x)
+        k = split_heads(self.k_proj(H), self.n_kv_heads)
+        if self.qk_norm:
+            k = self.k_norm(k)
+        k = k.transpose(0, 2, 1, 3)
+        if self.rope is not None:
+            k = self.rope(k, offset)
+        v = split_heads(self.v_proj(H), self.n_kv_heads).transpose(0, 2, 1, 3)
+        mask = create_attention_mask(x, kv_cache)
+        keys, values = kv_cache.update_and_fetch(k, v)
+        if not self.topk:
+            return Memory(keys, values, mask, offset=offset)
+
+        B, L, _ = x.shape
+        k_idx = self.indexer.k_proj(H)[:, None]
+        k_idx, _ = index_cache.update_and_fetch(k_idx, mx.zeros((B, 1, L, 0), k_idx.dtype))
+        if keys.shape[2] <= self.topk:
+            return Memory(keys, values, mask, offset=offset)
+        q_idx, k_idx = self.indexer.q_proj(H), k_idx[:, 0]
+        if L == 1:
+            keys, values = select_kv(q_idx, k_idx, keys, values, self.topk)
+            return Memory(keys, values, offset=offset)
+        return Memory(keys, values, index=route(q_idx, k_idx, self.topk, offset), offset=offset)
+
+    def __call__(self, x, kv_cache, index_cache, offset: int):
+        memory = self.memory(x, kv_cache, index_cache, offset)
+        for layer in self.layers:
+            x = layer(x, memory)
+        return x
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.self_decoder = SelfDecoder(args)
+        self.cross_decoder = CrossDecoder(args)
+        self.layer_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output_projection = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None, input_embeddings=None):
+        if input_embeddings is None:
+            input_embeddings = self.embed_tokens(inputs) * self.args.embed_scale
+        if cache is None:
+            cache = self.make_cache()
+        n = len(self.self_decoder.layers)
+        kv_cache = cache[n]
+        index_cache = cache[n + 1] if self.args.sparse else None
+        offset = kv_cache.offset
+        x = self.self_decoder(input_embeddings, cache[:n], offset)
+        x = self.cross_decoder(x, kv_cache, index_cache, offset)
+        return self.output_projection(self.layer_norm(x))
+
+    @property
+    def layers(self):
+        return self.self_decoder.layers + self.cross_decoder.layers
+
+    def make_cache(self):
+        """Per self layer a window or retention state; one global K/V; one index-key cache."""
+        window = self.self_decoder.window
+        caches = [
+            RotatingKVCache(max_size=window) if window else ArraysCache(size=1)
+            for _ in self.self_decoder.layers
+        ]
+        caches.append(KVCache())
+        if self.args.sparse:
+            caches.append(KVCache())
+        return caches
+
+    @property
+    def quant_predicate(self):
+        # The router is tiny and decides what every cross layer sees: keep it exact.
+        return lambda path, module: "indexer" not in path
