@@ -1,0 +1,57 @@
+"""`generate` / `stream_generate`: mlx-lm's loop and arguments, plus the model's context limit."""
+
+from typing import List, Union
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate as _mlx_lm_stream_generate
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+
+class ContextOverflowError(ValueError):
+    pass
+
+
+def encode(tokenizer, prompt: Union[str, List[int], mx.array]) -> List[int]:
+    if isinstance(prompt, str):
+        bos = getattr(tokenizer, "bos_token", None)
+        return tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    return prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
+
+
+def context_used(model, prompt_cache) -> int:
+    return prompt_cache[len(model.self_decoder.layers)].offset if prompt_cache else 0
+
+
+def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs):
+    """Yields mlx-lm `GenerationResponse`s. Refuses a prompt that does not fit the model's
+    context (`max_seq_len`) and stops generation at that limit."""
+    if kwargs.get("kv_bits"):
+        raise ValueError("kv_bits: KV-cache quantization is not supported for CLSA/YOCO caches")
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    tokens = encode(tokenizer, prompt)
+    limit = model.args.max_seq_len
+    if limit > 0:
+        used = context_used(model, kwargs.get("prompt_cache")) + len(tokens)
+        if used >= limit:
+            raise ContextOverflowError(
+                f"context overflow: {used} tokens needed, the model's limit is {limit}"
+            )
+        room = limit - used
+        max_tokens = room if max_tokens < 0 else min(max_tokens, room)
+    yield from _mlx_lm_stream_generate(model, tokenizer, tokens, max_tokens, **kwargs)
+
+
+def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+    text, response = "", None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose and response is not None:
+        print(
+            f"\nPrompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tok/s"
+            f"\nGeneration: {response.generation_tokens} tokens, {response.generation_tps:.1f} tok/s"
+            f"\nPeak memory: {response.peak_memory:.3f} GB"
+        )
+    return text

@@ -1,0 +1,73 @@
+"""Find and load model folders (config.json + model*.safetensors + tokenizer), local or on the hub."""
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+from huggingface_hub import snapshot_download
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_tokenizer
+from mlx_lm.utils import load_model as _mlx_lm_load_model
+
+from . import model as model_module
+from .config import ModelArgs
+from .model import Model
+
+MODEL_TYPES = ("clsa", "yoco")
+
+
+def register_with_mlx_lm():
+    """Make `mlx_lm.load`, `mlx_lm.generate` and the mlx-lm server find our model types."""
+    for model_type in MODEL_TYPES:
+        sys.modules.setdefault(f"mlx_lm.models.{model_type}", model_module)
+
+
+def get_model_classes(config: dict):
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} is not one of {MODEL_TYPES}")
+    return Model, ModelArgs
+
+
+def resolve(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
+    """A local folder, or a hub id `owner/name` fetched (or found in the local cache)."""
+    path = Path(path_or_hf_repo).expanduser()
+    if not path.exists():
+        looks_like_repo = str(path_or_hf_repo).count("/") == 1 and not str(path_or_hf_repo).startswith((".", "/", "~"))
+        if not looks_like_repo:
+            raise FileNotFoundError(f"{path_or_hf_repo}: no such model folder")
+        path = Path(snapshot_download(path_or_hf_repo, revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (not a converted model folder)")
+    return path
+
+
+def load_model(path_or_hf_repo, lazy: bool = False, strict: bool = True, model_config=None) -> Model:
+    """Weights and config only; no tokenizer needed."""
+    model, _ = _mlx_lm_load_model(
+        resolve(str(path_or_hf_repo)), lazy, strict, model_config, get_model_classes=get_model_classes
+    )
+    return model
+
+
+@contextmanager
+def _quiet_transformers():
+    # transformers warns that it does not know model_type "clsa" while it reads the tokenizer.
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def load(path_or_hf_repo, tokenizer_config=None, model_config=None, lazy: bool = False,
+         return_config: bool = False, revision: Optional[str] = None):
+    """Returns `(model, tokenizer)`, the tokenizer wrapped by mlx-lm (streaming detokenizer, chat template)."""
+    path = resolve(str(path_or_hf_repo), revision)
+    model, config = _mlx_lm_load_model(path, lazy, True, model_config, get_model_classes=get_model_classes)
+    with _quiet_transformers():
+        tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
