@@ -6,6 +6,8 @@ fewer than k visible positions. Row l of a call sees positions s <= offset + l.
 
 import mlx.core as mx
 
+from . import kernels
+
 
 def index_scores(q_idx: mx.array, k_idx: mx.array) -> mx.array:
     """Plain dot product of index queries `[B, L, d]` with index keys `[B, T, d]`, in fp32."""
@@ -52,13 +54,27 @@ def sparse_attention_ref(q, keys, values, idx, scale: float) -> mx.array:
     )
 
 
+# Dispatch: the GPU kernels of `kernels.py` (Metal, or CUDA through MLX's CUDA backend)
+# when one is available, else the references above. CLSA_MLX_REFERENCE=1 forces the
+# references. The kernels have no VJP: training paths must call the *_ref functions.
+
+
 def route(q_idx, k_idx, k: int, offset: int) -> mx.array:
-    return route_ref(q_idx, k_idx, k, offset)
+    be = kernels.backend()
+    if be is None:
+        return route_ref(q_idx, k_idx, k, offset)
+    return kernels.route(q_idx, k_idx, k, offset, be)
 
 
 def select_kv(q_idx, k_idx, keys, values, k: int):
-    return select_kv_ref(q_idx, k_idx, keys, values, k)
+    be = kernels.backend()
+    if be is None:
+        return select_kv_ref(q_idx, k_idx, keys, values, k)
+    return kernels.select_kv(q_idx, k_idx, keys, values, k, be)
 
 
 def sparse_attention(q, keys, values, idx, scale: float) -> mx.array:
-    return sparse_attention_ref(q, keys, values, idx, scale)
+    be = kernels.backend()
+    if be is None or not kernels.sparse_attention_supported(q, keys, values):
+        return sparse_attention_ref(q, keys, values, idx, scale)
+    return kernels.sparse_attention(q, keys, values, idx, scale, be)

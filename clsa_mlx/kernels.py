@@ -1,0 +1,238 @@
+"""GPU kernels for CLSA routing and sparse attention (sources in `metal/`).
+
+Each kernel body is written once (`metal/*.inc`, helpers in `metal/common.h`) and
+compiled for Metal through `mx.fast.metal_kernel` or for CUDA through
+`mx.fast.cuda_kernel`; `metal/dialect_{metal,cuda}.h` and `metal/prologue_*.inc` are
+the whole per-backend difference. Kernel objects are built once per process and
+cached; MLX compiles each template instantiation once and caches it too.
+
+`backend()` picks the kernels: "metal" when `mx.metal.is_available()`, "cuda" when
+`mx.cuda.is_available()`, else None (the pure-MLX references in `sparse.py`).
+`CLSA_MLX_REFERENCE=1` in the environment forces the references.
+"""
+
+import functools
+import os
+from pathlib import Path
+
+import mlx.core as mx
+
+# Radix select: 8-bit digits, 4 levels over the 32-bit order-preserving score key.
+_TG = 256  # threads per group of the routing passes
+_MAX_CHUNKS = 256  # chunks per row (the select pass scans them in one group)
+_FUSED_MAX_L = 4  # up to this many query rows score inside the kernel; more use a matmul
+_SHARED_BYTES = 28 * 1024  # threadgroup memory budget (Metal allows 32 KB)
+
+
+def _find_sources() -> Path:
+    """`metal/` next to the package in a checkout, or `clsa_mlx/metal` when installed."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "metal", here / "metal"):
+        if (cand / "common.h").is_file():
+            return cand
+    from importlib import resources
+
+    return Path(str(resources.files("clsa_mlx.metal")))
+
+
+SOURCE_DIR = _find_sources()
+
+# name -> (body file, input names, output names)
+KERNELS = {
+    "route_score": ("route_score.inc", ["q", "kidx", "prm"], ["scores", "hist"]),
+    "route_hist": ("route_hist.inc", ["scores", "prm", "st"], ["hist"]),
+    "route_select": (
+        "route_select.inc",
+        ["hist", "prm", "st_in", "above_in"],
+        ["st", "above", "ties"],
+    ),
+    "route_write": (
+        "route_write.inc",
+        ["scores", "prm", "st", "abase", "tbase"],
+        ["idx"],
+    ),
+    "gather_kv": ("gather_kv.inc", ["idx", "keys", "values", "prm"], ["ks", "vs"]),
+    "sparse_attention": (
+        "sparse_attention.inc",
+        ["q", "keys", "values", "idx", "prm", "scale"],
+        ["out"],
+    ),
+}
+
+
+def backend():
+    if os.environ.get("CLSA_MLX_REFERENCE", "0") not in ("", "0"):
+        return None
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def _read(name: str) -> str:
+    return (SOURCE_DIR / name).read_text()
+
+
+def kernel_text(backend_name: str, name: str):
+    """(header, body) handed to MLX for one kernel on one backend."""
+    header = _read(f"dialect_{backend_name}.h") + "\n" + _read("common.h")
+    body = _read(f"prologue_{backend_name}.inc") + "\n" + _read(KERNELS[name][0])
+    return header, body
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(backend_name: str, name: str):
+    _, inputs, outputs = KERNELS[name]
+    header, body = kernel_text(backend_name, name)
+    # Inputs are read through explicit strides where it matters (caches are slices
+    # of larger buffers), so MLX must not copy them.
+    common = dict(
+        name=f"clsa_{name}",
+        input_names=inputs,
+        output_names=outputs,
+        source=body,
+        header=header,
+        ensure_row_contiguous=False,
+    )
+    if backend_name == "metal":
+        return mx.fast.metal_kernel(**common)
+    return mx.fast.cuda_kernel(**common)
+
+
+def _chunking(T: int):
+    chunk = max(_TG, -(-T // (_MAX_CHUNKS * _TG)) * _TG)
+    return chunk, -(-T // chunk)
+
+
+def route(q_idx, k_idx, k: int, offset: int, be: str):
+    """Exact causal top-k (same contract as `sparse.route_ref`) by a 4-level radix
+    select split over many threadgroups: score+histogram, then per level a select
+    pass and a histogram pass, then an ordered write pass."""
+    B, L, D = q_idx.shape
+    T = k_idx.shape[1]
+    R = B * L
+    chunk, C = _chunking(T)
+    prm = mx.array([T, L, offset, k, chunk, C, 0, 0], dtype=mx.int32)
+    grid = (R * C * _TG, 1, 1)
+    tg = (_TG, 1, 1)
+    if L <= _FUSED_MAX_L:
+        q = mx.contiguous(q_idx).reshape(R, D)
+        scores, hist = _kernel(be, "route_score")(
+            inputs=[q, k_idx, prm],
+            template=[("QT", q.dtype), ("KT", k_idx.dtype), ("D", D), ("TG", _TG)],
+            grid=grid,
+            threadgroup=tg,
+            output_shapes=[(R, T), (R, C, 256)],
+            output_dtypes=[mx.float32, mx.uint32],
+        )
+    else:
+        # Many rows: MLX's matmul computes the scores better than a per-row scan.
+        from .sparse import index_scores
+
+        scores = mx.contiguous(index_scores(q_idx, k_idx).reshape(R, T))
+        hist = _hist(be, scores, prm, prm, 0, R, C)
+    st, above = prm, prm
+    for level in range(4):
+        last = level == 3
+        st, above, ties = _kernel(be, "route_select")(
+            inputs=[hist, prm, st, above],
+            template=[("LEVEL", level), ("LAST", last)],
+            grid=(256 * R, 1, 1),
+            threadgroup=(256, 1, 1),
+            output_shapes=[(R, 4), (R, C), (R, C) if last else (1,)],
+            output_dtypes=[mx.uint32, mx.uint32, mx.uint32],
+        )
+        if not last:
+            hist = _hist(be, scores, prm, st, level + 1, R, C)
+    (idx,) = _kernel(be, "route_write")(
+        inputs=[scores, prm, st, above, ties],
+        template=[("TG", _TG)],
+        grid=grid,
+        threadgroup=tg,
+        output_shapes=[(R, k)],
+        output_dtypes=[mx.int32],
+        init_value=-1,
+    )
+    return idx.reshape(B, L, k)
+
+
+def _hist(be, scores, prm, st, level, R, C):
+    (hist,) = _kernel(be, "route_hist")(
+        inputs=[scores, prm, st],
+        template=[("LEVEL", level), ("TG", _TG)],
+        grid=(R * C * _TG, 1, 1),
+        threadgroup=(_TG, 1, 1),
+        output_shapes=[(R, C, 256)],
+        output_dtypes=[mx.uint32],
+    )
+    return hist
+
+
+def gather_kv(idx, keys, values, be: str):
+    """idx `[B, K]` -> keys/values rows `[B, Hkv, K, hd]` (one launch for both)."""
+    B, H, _, HD = keys.shape
+    K = idx.shape[-1]
+    prm = mx.array([K, H], dtype=mx.int32)
+    rows = K * H
+    return _kernel(be, "gather_kv")(
+        inputs=[mx.contiguous(idx), keys, values, prm],
+        template=[("DT", keys.dtype), ("HD", HD)],
+        grid=(-(-rows // 8) * 256, B, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(B, H, K, HD), (B, H, K, HD)],
+        output_dtypes=[keys.dtype, values.dtype],
+    )
+
+
+def select_kv(q_idx, k_idx, keys, values, k: int, be: str):
+    T = k_idx.shape[1]
+    idx = route(q_idx[:, -1:], k_idx, k, T - 1, be)[:, 0]
+    ks, vs = gather_kv(idx, keys, values, be)
+    return ks, vs
+
+
+def attention_warps(G: int, HD: int) -> int:
+    """Warps per group for the sparse attention kernel: as many as the threadgroup
+    memory budget allows (at most 8); 0 if even one warp does not fit."""
+    nw = 8
+    while nw and nw * G * (HD + 2) * 4 > _SHARED_BYTES:
+        nw //= 2
+    return nw
+
+
+def sparse_attention_supported(q, keys, values) -> bool:
+    Hq, Hkv = q.shape[1], keys.shape[1]
+    return (
+        Hq % Hkv == 0
+        and q.dtype == keys.dtype == values.dtype
+        and keys.shape[-1] == values.shape[-1] == q.shape[-1]
+        and attention_warps(Hq // Hkv, q.shape[-1]) > 0
+    )
+
+
+def sparse_attention(q, keys, values, idx, scale: float, be: str):
+    B, Hq, L, HD = q.shape
+    H = keys.shape[1]
+    G = Hq // H
+    K = idx.shape[-1]
+    nw = attention_warps(G, HD)
+    prm = mx.array([L, K, H], dtype=mx.int32)
+    (out,) = _kernel(be, "sparse_attention")(
+        inputs=[
+            mx.contiguous(q),
+            keys,
+            values,
+            mx.contiguous(idx.astype(mx.int32)),
+            prm,
+            mx.array([scale], dtype=mx.float32),
+        ],
+        template=[("DT", q.dtype), ("HD", HD), ("G", G), ("NW", nw)],
+        grid=(32 * nw * L, B * H, 1),
+        threadgroup=(32 * nw, 1, 1),
+        output_shapes=[q.shape],
+        output_dtypes=[q.dtype],
+    )
+    return out
