@@ -1,0 +1,171 @@
+"""The pure-MLX references in clsa_mlx.sparse against naive numpy, on CPU."""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from clsa_mlx import kernels, sparse
+
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+
+
+def np_f32(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32))
+
+
+def naive_route(q, kk, k, offset):
+    """Top-k by sorting (score desc, position asc), output ascending, -1 padded."""
+    q, kk = np_f32(q).astype(np.float64), np_f32(kk).astype(np.float64)
+    B, L, _ = q.shape
+    T = kk.shape[1]
+    out = np.full((B, L, k), -1, dtype=np.int64)
+    for b in range(B):
+        for l in range(L):
+            n = min(T, offset + l + 1)
+            s = kk[b, :n] @ q[b, l]
+            order = np.lexsort((np.arange(n), -s))[: min(k, n)]
+            sel = np.sort(order)
+            out[b, l, : len(sel)] = sel
+    return out
+
+
+def naive_attention(q, keys, values, idx, scale):
+    q, keys, values = (np_f32(x).astype(np.float64) for x in (q, keys, values))
+    idx = np.array(idx)
+    B, Hq, L, hd = q.shape
+    Hkv = keys.shape[1]
+    G = Hq // Hkv
+    out = np.zeros_like(q)
+    for b in range(B):
+        for h in range(Hq):
+            for l in range(L):
+                sel = idx[b, l][idx[b, l] >= 0]
+                kk, vv = keys[b, h // G, sel], values[b, h // G, sel]
+                s = kk @ q[b, h, l] * scale
+                p = np.exp(s - s.max())
+                out[b, h, l] = (p / p.sum()) @ vv
+    return out
+
+
+def int_inputs(shape, dtype, lo=-3, hi=4, seed=0):
+    """Small integers: exact in every dtype, dot products exact in fp32, many ties."""
+    rng = np.random.default_rng(seed)
+    return mx.array(rng.integers(lo, hi, size=shape).astype(np.float32)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B,L,T,k,offset",
+    [
+        (1, 1, 5, 8, 4),  # T < k
+        (1, 1, 8, 8, 7),  # T == k
+        (2, 1, 301, 16, 300),  # odd T, batch > 1
+        (1, 7, 57, 9, 50),  # several rows, causal
+        (2, 33, 33, 4, 0),  # prefill: rows see 1..33 positions
+        (1, 3, 1000, 64, 997),
+    ],
+)
+def test_route_ref_matches_naive_exact(dtype, B, L, T, k, offset):
+    d = 16
+    q = int_inputs((B, L, d), dtype, seed=1)
+    kk = int_inputs((B, T, d), dtype, seed=2)
+    got = np.array(sparse.route_ref(q, kk, k, offset))
+    assert got.dtype == np.int32 and got.shape == (B, L, k)
+    np.testing.assert_array_equal(got, naive_route(q, kk, k, offset))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_route_ref_all_ties(dtype):
+    # Every score equal: the k lowest positions win.
+    q = mx.ones((2, 1, 8), dtype=dtype)
+    kk = mx.ones((2, 100, 8), dtype=dtype)
+    got = np.array(sparse.route_ref(q, kk, 10, 99))
+    np.testing.assert_array_equal(got, np.broadcast_to(np.arange(10), (2, 1, 10)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_route_ref_random_scores(dtype):
+    # Random normal inputs: compare the selected score sets (fp32 rounding may reorder
+    # near-ties between numpy and MLX).
+    B, L, T, k, d = 2, 2, 517, 32, 24
+    mx.random.seed(3)
+    q = mx.random.normal((B, L, d)).astype(dtype)
+    kk = mx.random.normal((B, T, d)).astype(dtype)
+    got = np.array(sparse.route_ref(q, kk, k, T - L))
+    want = naive_route(q, kk, k, T - L)
+    s = np.einsum("bld,btd->blt", np_f32(q), np_f32(kk))
+    for b in range(B):
+        for l in range(L):
+            assert np.all(np.diff(got[b, l]) > 0)
+            np.testing.assert_allclose(
+                np.sort(s[b, l][got[b, l]]), np.sort(s[b, l][want[b, l]]), rtol=1e-5, atol=1e-5
+            )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_kv_ref(dtype):
+    B, Hkv, T, hd, k, d = 2, 3, 40, 8, 16, 8
+    q = int_inputs((B, 1, d), dtype, seed=4)
+    kk = int_inputs((B, T, d), dtype, seed=5)
+    keys = mx.random.normal((B, Hkv, T, hd)).astype(dtype)
+    values = mx.random.normal((B, Hkv, T, hd)).astype(dtype)
+    ks, vs = sparse.select_kv_ref(q, kk, keys, values, k)
+    idx = naive_route(q, kk, k, T - 1)[:, 0]
+    for b in range(B):
+        np.testing.assert_array_equal(np_f32(ks[b]), np_f32(keys[b])[:, idx[b]])
+        np.testing.assert_array_equal(np_f32(vs[b]), np_f32(values[b])[:, idx[b]])
+
+
+TOL = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,Hq,Hkv,L,T,k", [(1, 4, 4, 3, 50, 8), (2, 10, 2, 5, 37, 16)])
+def test_sparse_attention_ref(dtype, B, Hq, Hkv, L, T, k):
+    hd = 16
+    mx.random.seed(6)
+    q = mx.random.normal((B, Hq, L, hd)).astype(dtype)
+    keys = mx.random.normal((B, Hkv, T, hd)).astype(dtype)
+    values = mx.random.normal((B, Hkv, T, hd)).astype(dtype)
+    qi = mx.random.normal((B, L, 8))
+    ki = mx.random.normal((B, T, 8))
+    idx = sparse.route_ref(qi, ki, k, T - L)  # last rows of a sequence
+    scale = hd**-0.5
+    got = np_f32(sparse.sparse_attention_ref(q, keys, values, idx, scale))
+    want = naive_attention(q, keys, values, idx, scale)
+    np.testing.assert_allclose(got, want, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+
+
+def test_sparse_attention_ref_padded_rows():
+    # Early rows of a prefill see fewer than k positions: -1 padding is ignored.
+    B, Hq, Hkv, L, hd, k = 1, 2, 1, 6, 8, 4
+    q = mx.random.normal((B, Hq, L, hd))
+    keys = mx.random.normal((B, Hkv, L, hd))
+    values = mx.random.normal((B, Hkv, L, hd))
+    idx = sparse.route_ref(mx.random.normal((B, L, 4)), mx.random.normal((B, L, 4)), k, 0)
+    assert (np.array(idx)[0, 0] == [0, -1, -1, -1]).all()
+    got = np.array(sparse.sparse_attention_ref(q, keys, values, idx, 0.3))
+    np.testing.assert_allclose(got, naive_attention(q, keys, values, idx, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_on_cpu_uses_references(monkeypatch):
+    assert kernels.backend() is None  # no GPU in the test suite
+    q = int_inputs((1, 2, 8), mx.float32, seed=7)
+    kk = int_inputs((1, 30, 8), mx.float32, seed=8)
+    np.testing.assert_array_equal(
+        np.array(sparse.route(q, kk, 5, 28)), np.array(sparse.route_ref(q, kk, 5, 28))
+    )
+    monkeypatch.setenv("CLSA_MLX_REFERENCE", "1")
+    assert kernels.backend() is None
+
+
+def test_chunking_bounds():
+    for T in [1, 255, 256, 257, 8192, 131072, 10**6, 1 << 20, 3 * 10**7]:
+        chunk, C = kernels._chunking(T)
+        assert chunk % kernels._TG == 0 and 1 <= C <= kernels._MAX_CHUNKS and chunk * C >= T
+
+
+def test_kernel_sources_found():
+    for f in ["common.h", "dialect_metal.h", "dialect_cuda.h"] + [v[0] for v in kernels.KERNELS.values()]:
+        assert (kernels.SOURCE_DIR / f).is_file(), f
