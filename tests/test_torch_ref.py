@@ -305,3 +305,25 @@ def test_bf16_forward_backward():
     assert logits.dtype == torch.bfloat16 and aux["abar"].dtype == torch.float32
     (logits.float().logsumexp(-1).mean() + indexer_kd_loss(aux["index_scores"], aux["abar"])).backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(tmp_path):
+    for name in ("clsa_retention", "clsa_swa_paper"):
+        m = make(**CONFIGS[name])
+        tok = tokens()
+        with torch.no_grad():
+            cpu, aux_cpu = m(tok, return_aux=True)
+            m.cuda()
+            gpu, aux_gpu = m(tok.cuda(), return_aux=True)
+        assert torch.equal(aux_cpu["mask"], aux_gpu["mask"].cpu())
+        torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(aux_gpu["abar"].cpu(), aux_cpu["abar"], atol=1e-5, rtol=1e-4)
+        m.to(torch.bfloat16)
+        logits, aux = m(tok.cuda(), return_aux=True)
+        (logits.float().logsumexp(-1).mean() + indexer_kd_loss(aux["index_scores"], aux["abar"])).backward()
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+        save_official(m, m.args, tmp_path / name)
+        m2, _ = load_official(tmp_path / name, device="cuda")
+        with torch.no_grad():
+            assert torch.equal(m(tok.cuda()), m2(tok.cuda()))
