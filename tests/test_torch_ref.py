@@ -101,13 +101,16 @@ def test_retention_parallel_equals_recurrent():
     a[0, 0, 5] = -30.0  # a near-reset: the decay matrix must not overflow or mix in the future
     torch.testing.assert_close(retention_parallel(q, k, v, a), retention_recurrent(q, k, v, a), atol=1e-10, rtol=1e-10)
 
-    # The whole mixer (RoPE, decay gate, subln, swish gate) in fp32.
+    # The whole mixer (RoPE, decay gate, subln, swish gate): fp64 stays fp64; fp32 is close.
     m = make()
     mixer = m.self_decoder.layers[0].mixer
     x = torch.randn(2, 13, 64)
     pos = torch.arange(13)
     with torch.no_grad():
         torch.testing.assert_close(mixer(x, pos), mixer(x, pos, recurrent=True), atol=2e-5, rtol=1e-4)
+        mixer.double()
+        x = x.double()
+        torch.testing.assert_close(mixer(x, pos), mixer(x, pos, recurrent=True), atol=1e-10, rtol=1e-10)
 
 
 def test_attend_gqa_consecutive_groups():
@@ -297,6 +300,12 @@ def test_trainable_lm_plus_kd(name):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_float64_model_stays_float64():
+    m = make(**CONFIGS["clsa_swa_paper"]).double()
+    logits, aux = m(tokens(), return_aux=True)
+    assert logits.dtype == aux["abar"].dtype == aux["index_scores"].dtype == torch.float64
 
 
 def test_bf16_forward_backward():

@@ -84,6 +84,11 @@ def tiny_args(**overrides) -> ModelArgs:
 # building blocks
 
 
+def up(x):
+    """At least fp32 (fp64 stays fp64, so a float64 model is a tight oracle)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -91,7 +96,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return (up(x) * torch.rsqrt(up(x).pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 class FeedForward(nn.Module):
@@ -114,11 +119,12 @@ def rope_freqs(head_dim, theta, style):
 
 def apply_rope(x, pos, theta, style):
     """x [..., T, hd], pos [T] absolute positions. 'yoco' rotates interleaved pairs (2i, 2i+1);
-    'standard' rotates (i, i + hd/2). Computed in fp32, returned in x's dtype."""
+    'standard' rotates (i, i + hd/2). Angles in fp32 as in the official code; rotation in at
+    least fp32, returned in x's dtype."""
     hd = x.shape[-1]
     ang = pos.float()[:, None] * rope_freqs(hd, theta, style).to(x.device)
     cos, sin = ang.cos(), ang.sin()
-    xf = x.float()
+    xf = up(x)
     if style == "yoco":
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2)
@@ -197,10 +203,10 @@ class GatedRetention(nn.Module):
         k = self.k_proj(x).view(B, T, H, d).transpose(1, 2)
         v = self.v_proj(x).view(B, T, H, d).transpose(1, 2)
         q, k = apply_rope(q, pos, a_.rope_theta, a_.rope_style), apply_rope(k, pos, a_.rope_theta, a_.rope_style)
-        a = F.logsigmoid(self.gt_proj(x).float()).transpose(1, 2) / a_.gate_logit_normalizer
-        # The whole recurrence runs in fp32 whatever the model dtype (the state is a long sum).
+        a = F.logsigmoid(up(self.gt_proj(x))).transpose(1, 2) / a_.gate_logit_normalizer
+        # The recurrence runs in at least fp32 whatever the model dtype (the state is a long sum).
         f = retention_recurrent if recurrent else retention_parallel
-        o = f(q.float(), k.float() * d**-0.5, v.float(), a)
+        o = f(up(q), up(k) * d**-0.5, up(v), a)
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + a_.norm_eps)  # subln: no weight
         o = o.transpose(1, 2).reshape(B, T, D).to(x.dtype)
         return self.out_proj(F.silu(self.g_proj(x)) * o)
@@ -243,7 +249,7 @@ def topk_mask(scores, k):
     fewer than k visible positions select all of them."""
     T, S = scores.shape[-2:]
     visible = causal_mask(T, S, device=scores.device)
-    scores = scores.float().masked_fill(~visible, -math.inf)
+    scores = up(scores).masked_fill(~visible, -math.inf)
     # A stable descending sort keeps equal scores in position order.
     idx = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(-1, idx, True) & visible
@@ -252,8 +258,8 @@ def topk_mask(scores, k):
 def indexer_kd_loss(index_scores, abar):
     """CLSA multi-layer distillation: mean over rows t (and batch) of KL(abar_t || softmax(I_t)).
     index_scores [B, T, T] with -inf where s > t; abar [B, T, T], treated as a constant."""
-    abar = abar.detach().float()
-    logp = F.log_softmax(index_scores.float(), -1)
+    abar = up(abar.detach())
+    logp = F.log_softmax(up(index_scores), -1)
     logp = logp.masked_fill(abar == 0, 0.0)  # 0 * -inf would be nan; those terms are 0
     return (torch.xlogy(abar, abar) - abar * logp).sum(-1).mean()
 
@@ -267,7 +273,7 @@ class Indexer(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.index_head_dim, bias=False)
 
     def forward(self, h):
-        return self.q_proj(h).float() @ self.k_proj(h).float().transpose(-1, -2)
+        return up(self.q_proj(h)) @ up(self.k_proj(h)).transpose(-1, -2)
 
 
 class CrossAttention(nn.Module):
@@ -290,7 +296,7 @@ class CrossAttention(nn.Module):
             q = apply_rope(q, pos, a_.rope_theta, a_.rope_style)
         if teacher is not None:  # dense probabilities of this layer, mean over heads
             with torch.no_grad():
-                s = q.float() @ repeat_kv(k, q.shape[1]).float().transpose(-1, -2) * a_.head_dim**-0.5
+                s = up(q) @ up(repeat_kv(k, q.shape[1])).transpose(-1, -2) * a_.head_dim**-0.5
                 s = s.masked_fill(~causal_mask(T, device=x.device), -math.inf)
                 teacher += s.softmax(-1).mean(1)
         o = attend(q, k, v, mask)
@@ -356,7 +362,7 @@ class CrossDecoder(nn.Module):
             scores = self.indexer(h).masked_fill(~causal, -math.inf)
         # One selection for the whole stack; dense YOCO is the causal mask itself.
         mask = topk_mask(scores, a_.index_topk)[:, None] if sparse else causal
-        teacher = torch.zeros(B, T, T, device=x.device) if return_aux else None
+        teacher = up(x.new_zeros(B, T, T)) if return_aux else None
         for layer in self.layers:
             x = layer(x, pos, k, v, mask, teacher)
         if not return_aux:
@@ -396,8 +402,8 @@ class Model(nn.Module):
 
     def forward(self, tokens, sparse=None, return_aux=False):
         """tokens [B, T] -> logits [B, T, V]; with return_aux also a dict:
-        index_scores [B, T, T] fp32 (-inf where s > t; None without an indexer),
-        abar [B, T, T] fp32: dense cross-attention probabilities averaged over cross layers and
+        index_scores [B, T, T] fp32 or wider (-inf where s > t; None without an indexer),
+        abar [B, T, T] fp32 or wider: dense cross-attention probabilities averaged over cross layers and
         query heads (no grad; in sparse mode from the sparse pass's own queries),
         mask [B, T, T] bool: the shared top-k selection (None in dense mode)."""
         sparse = self.args.index_topk > 0 if sparse is None else sparse
