@@ -13,8 +13,8 @@ typedef unsigned int uint;
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define EXP(x) expf(x)
 #define FMAX(a, b) fmaxf((a), (b))
-#define IMIN(a, b) min((a), (b))
-#define UMIN(a, b) min((a), (b))
+#define IMIN(a, b) ((a) < (b) ? (a) : (b))
+#define UMIN(a, b) ((a) < (b) ? (a) : (b))
 FN float SIMD_SUM(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;

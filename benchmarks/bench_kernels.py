@@ -1,0 +1,216 @@
+"""Routing and sparse-attention kernels vs MLX-op baselines, and vs copy bandwidth.
+
+    python benchmarks/bench_kernels.py [--out-dir DIR] [--T 8192,32768,...] [--iters 20]
+
+Decode routing (B=1, one query row, d_idx=128, k=2048, bf16):
+  kernel            clsa_mlx.kernels.route (radix select, 9 launches)
+  argpartition      scores matmul + mx.argpartition + mx.sort of the k indices
+  topk_ref          clsa_mlx.sparse.route_ref (mx.topk threshold + cumsum compaction)
+select_kv (routing + gather of K/V rows, Hkv=8, hd=128): kernel vs argpartition + take.
+Sparse attention (B=1, Hq=20, Hkv=4, hd=128, 16 query rows, k=2048): kernel vs the
+reference (masked dense SDPA over all T keys).
+Times are per call, averaged over `iters` calls evaluated together (one sync), so
+they measure GPU time rather than per-eval launch/sync overhead; `*_sync_ms` is one
+call with its own eval. Bandwidth: bytes the kernel must read / time, against the
+measured bandwidth of a large elementwise copy (read + write).
+Writes bench_kernels.json and bench_kernels.png with machine, versions and date.
+"""
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+
+from clsa_mlx import kernels, sparse  # noqa: E402
+
+
+def timed(fn, iters):
+    """(mean ms per call over `iters` calls in one eval, median ms of single evals)."""
+    for _ in range(3):
+        mx.eval(fn())
+    t0 = time.perf_counter()
+    mx.eval([fn() for _ in range(iters)])
+    batched = (time.perf_counter() - t0) / iters * 1e3
+    singles = []
+    for _ in range(max(3, iters // 4)):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        singles.append((time.perf_counter() - t0) * 1e3)
+    singles.sort()
+    return batched, singles[len(singles) // 2]
+
+
+def copy_bandwidth(iters):
+    a = mx.random.normal((1 << 28,)).astype(mx.bfloat16)  # 512 MiB
+    mx.eval(a)
+    ms, _ = timed(lambda: a + 1, iters)
+    return 2 * a.nbytes / (ms * 1e-3) / 1e9
+
+
+def machine():
+    info = dict(
+        platform=platform.platform(),
+        python=platform.python_version(),
+        mlx=mx.__version__,
+        device=str(mx.default_device()),
+        backend=kernels.backend() or "reference",
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
+    try:
+        import mlx_lm
+
+        info["mlx_lm"] = mlx_lm.__version__
+    except Exception:
+        pass
+    try:
+        info["gpu"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20,
+        ).stdout.strip()
+    except Exception:
+        pass
+    try:
+        info["device_info"] = {k: str(v) for k, v in mx.device_info().items()}
+    except Exception:
+        pass
+    return info
+
+
+def argpartition_route(q, kidx, k):
+    s = sparse.index_scores(q, kidx)
+    return mx.sort(mx.argpartition(-s, kth=k - 1, axis=-1)[..., :k], axis=-1).astype(mx.int32)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--T", default="8192,32768,131072,524288,1048576")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--k", type=int, default=2048)
+    args = ap.parse_args()
+    be = kernels.backend()
+    k, D, dt = args.k, 128, mx.bfloat16
+    out = dict(machine=machine(), k=k, d_idx=D, dtype="bfloat16", iters=args.iters)
+    out["copy_GBps"] = copy_bandwidth(args.iters)
+    print(json.dumps(out, indent=1), flush=True)
+    rows = []
+    for T in [int(t) for t in args.T.split(",")]:
+        mx.random.seed(T)
+        q = mx.random.normal((1, 1, D)).astype(dt)
+        kidx = mx.random.normal((1, T, D)).astype(dt)
+        keys = mx.random.normal((1, 8, T, 128)).astype(dt)
+        values = mx.random.normal((1, 8, T, 128)).astype(dt)
+        mx.eval(q, kidx, keys, values)
+        r = dict(T=T)
+        fns = {
+            "route_argpartition": lambda: argpartition_route(q, kidx, k),
+            "route_topk_ref": lambda: sparse.route_ref(q, kidx, k, T - 1),
+            "scores_matmul": lambda: sparse.index_scores(q, kidx),
+            "select_kv_argpartition": lambda: (
+                lambda i: (mx.take_along_axis(keys, i, 2), mx.take_along_axis(values, i, 2))
+            )(argpartition_route(q, kidx, k)[:, 0][:, None, :, None]),
+        }
+        if be:
+            fns["route_kernel"] = lambda: kernels.route(q, kidx, k, T - 1, be)
+            fns["select_kv_kernel"] = lambda: kernels.select_kv(q, kidx, keys, values, k, be)
+            chunk, C = kernels._chunking(T)
+            prm = mx.array([T, 1, T - 1, k, chunk, C, 0, 0], dtype=mx.int32)
+            fns["route_score_pass"] = lambda: kernels._kernel(be, "route_score")(
+                inputs=[q.reshape(1, D), kidx, prm],
+                template=[("QT", dt), ("KT", dt), ("D", D), ("TG", kernels._TG)],
+                grid=(C * kernels._TG, 1, 1), threadgroup=(kernels._TG, 1, 1),
+                output_shapes=[(1, T), (1, C, 256)], output_dtypes=[mx.float32, mx.uint32],
+            )
+        if T >= k:
+            # Sparse attention for 16 query rows (verification / full-sequence eval).
+            Lq, Hkv, G = 16, 4, 5
+            qa = mx.random.normal((1, Hkv * G, Lq, 128)).astype(dt)
+            ka, va = keys[:, :Hkv], values[:, :Hkv]
+            idx = sparse.route_ref(mx.random.normal((1, Lq, 32)), mx.random.normal((1, T, 32)), k, T - Lq)
+            mx.eval(qa, ka, va, idx)
+            fns["attention_ref"] = lambda: sparse.sparse_attention_ref(qa, ka, va, idx, 128**-0.5)
+            if be:
+                fns["attention_kernel"] = lambda: kernels.sparse_attention(qa, ka, va, idx, 128**-0.5, be)
+            r["attention_bytes"] = Lq * Hkv * k * 128 * 2 * 2
+        for name, fn in fns.items():
+            try:
+                r[name + "_ms"], r[name + "_sync_ms"] = timed(fn, args.iters)
+            except Exception as e:  # keep the other figures
+                r[name + "_error"] = repr(e)[:300]
+        r["index_key_bytes"] = T * D * 2
+        if "route_kernel_ms" in r:
+            bw = r["index_key_bytes"] / (r["route_kernel_ms"] * 1e-3) / 1e9
+            r["route_kernel_GBps"] = bw
+            r["route_kernel_frac_copy"] = bw / out["copy_GBps"]
+            for base in ("route_argpartition", "route_topk_ref"):
+                if base + "_ms" in r:
+                    r[f"speedup_vs_{base}"] = r[base + "_ms"] / r["route_kernel_ms"]
+        if "select_kv_kernel_ms" in r and "select_kv_argpartition_ms" in r:
+            r["speedup_select_kv"] = r["select_kv_argpartition_ms"] / r["select_kv_kernel_ms"]
+        if "attention_kernel_ms" in r:
+            r["attention_kernel_GBps"] = r["attention_bytes"] / (r["attention_kernel_ms"] * 1e-3) / 1e9
+            r["attention_frac_copy"] = r["attention_kernel_GBps"] / out["copy_GBps"]
+            if "attention_ref_ms" in r:
+                r["speedup_attention"] = r["attention_ref_ms"] / r["attention_kernel_ms"]
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+        del q, kidx, keys, values
+    out["rows"] = rows
+    d = Path(args.out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "bench_kernels.json").write_text(json.dumps(out, indent=1))
+    plot(out, d / "bench_kernels.png")
+
+
+def plot(out, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG")
+        return
+    rows = out["rows"]
+    Ts = [r["T"] for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.8))
+    for name in ("route_kernel", "route_argpartition", "route_topk_ref", "scores_matmul",
+                 "select_kv_kernel", "select_kv_argpartition"):
+        ys = [r.get(name + "_ms") for r in rows]
+        if any(y is not None for y in ys):
+            ax[0].plot([t for t, y in zip(Ts, ys) if y], [y for y in ys if y], "o-", label=name)
+    ax[0].set(xscale="log", yscale="log", xlabel="T (keys)", ylabel="ms per call",
+              title=f"decode routing, k={out['k']}, d_idx={out['d_idx']}, bf16")
+    ax[0].legend(fontsize=7)
+    for name in ("attention_kernel", "attention_ref"):
+        pts = [(r["T"], r[name + "_ms"]) for r in rows if name + "_ms" in r]
+        if pts:
+            ax[1].plot(*zip(*pts), "o-", label=name)
+    ax[1].set(xscale="log", yscale="log", xlabel="T (keys)", ylabel="ms per call",
+              title="sparse attention, 16 rows, Hq=20, Hkv=4, k=2048")
+    ax[1].legend(fontsize=7)
+    for name, lab in (("route_kernel_frac_copy", "routing (index keys read)"),
+                      ("attention_frac_copy", "sparse attention (K/V rows read)")):
+        pts = [(r["T"], r[name]) for r in rows if name in r]
+        if pts:
+            ax[2].plot(*zip(*pts), "o-", label=lab)
+    ax[2].axhline(0.6, color="gray", ls="--", label="60% target")
+    ax[2].set(xscale="log", xlabel="T (keys)", ylabel="fraction of copy bandwidth",
+              title=f"copy bandwidth {out['copy_GBps']:.0f} GB/s")
+    ax[2].legend(fontsize=7)
+    m = out["machine"]
+    fig.suptitle(f"{m.get('gpu') or m['device']}  mlx {m['mlx']}  {m['backend']}  {m['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

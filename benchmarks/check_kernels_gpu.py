@@ -1,0 +1,199 @@
+"""Kernel vs reference over a sweep of random shapes, on the GPU (Metal or CUDA).
+
+    python benchmarks/check_kernels_gpu.py [--out results.json] [--quick]
+
+Routing: identical indices; for random-normal inputs (where fp32 summation order may
+reorder near-ties) the kernel's selection must be a valid top-k of the float64 scores
+up to rounding, i.e. identical score sets. Small-integer inputs (exact scores, many
+ties) must give identical indices. select_kv: identical gathered rows (non-contiguous
+cache views). Sparse attention: within dtype tolerance of the reference.
+On a machine without a GPU kernel backend it runs the references against themselves
+(a dry run of the script).
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+
+from clsa_mlx import kernels, sparse  # noqa: E402
+
+DT = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+ATOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
+
+
+def f32(a):
+    return np.array(a.astype(mx.float32))
+
+
+def make_idx_inputs(B, L, T, D, dtype, kind, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "int":
+        q = rng.integers(-3, 4, size=(B, L, D)).astype(np.float32)
+        k = rng.integers(-3, 4, size=(B, T, D)).astype(np.float32)
+    else:
+        q = rng.standard_normal((B, L, D), dtype=np.float32)
+        k = rng.standard_normal((B, T, D), dtype=np.float32)
+    return mx.array(q).astype(DT[dtype]), mx.array(k).astype(DT[dtype])
+
+
+def check_route(be, B, L, T, D, k, offset, dtype, kind, seed, strided=False):
+    q, kk = make_idx_inputs(B, L, T + (7 if strided else 0), D, dtype, kind, seed)
+    if strided:  # a view into a longer cache buffer, as KVCache returns it
+        kk = kk[:, :T]
+    got = sparse.route(q, kk, k, offset) if be else sparse.route_ref(q, kk, k, offset)
+    ref = sparse.route_ref(q, kk, k, offset)
+    mx.eval(got, ref)
+    got, ref = np.array(got), np.array(ref)
+    exact = bool((got == ref).all())
+    ok = exact
+    if not exact and kind == "normal":
+        # Identical score sets up to fp32 rounding of the scores.
+        s = np.einsum("bld,btd->blt", f32(q).astype(np.float64), f32(kk).astype(np.float64))
+        ok = True
+        for b in range(B):
+            for l in range(L):
+                n = min(T, offset + l + 1)
+                m = min(k, n)
+                g = got[b, l]
+                if not ((g[m:] == -1).all() and (np.diff(g[:m]) > 0).all() and g[0] >= 0 and g[m - 1] < n):
+                    ok = False
+                    continue
+                row = s[b, l, :n]
+                tol = 1e-5 * max(1.0, np.abs(row).max())
+                want = np.sort(row)[::-1][:m]
+                have = np.sort(row[g[:m]])[::-1]
+                ok &= bool(np.allclose(have, want, rtol=0, atol=tol))
+    return ok, exact
+
+
+def check_select_kv(be, B, Hkv, T, hd, D, k, dtype, kind, seed):
+    q, kk = make_idx_inputs(B, 1, T + 5, D, dtype, kind, seed)
+    kk = kk[:, :T]
+    keys = mx.random.normal((B, Hkv, T + 9, hd)).astype(DT[dtype])[:, :, :T]
+    values = mx.random.normal((B, Hkv, T + 9, hd)).astype(DT[dtype])[:, :, :T]
+    ks, vs = sparse.select_kv(q, kk, keys, values, k) if be else sparse.select_kv_ref(q, kk, keys, values, k)
+    idx = sparse.route(q, kk, k, T - 1)[:, 0] if be else sparse.route_ref(q, kk, k, T - 1)[:, 0]
+    i4 = idx[:, None, :, None]
+    wk, wv = mx.take_along_axis(keys, i4, 2), mx.take_along_axis(values, i4, 2)
+    ref_idx = sparse.route_ref(q, kk, k, T - 1)[:, 0]
+    mx.eval(ks, vs, wk, wv, idx, ref_idx)
+    gather_ok = bool((f32(ks) == f32(wk)).all() and (f32(vs) == f32(wv)).all())
+    idx_exact = bool((np.array(idx) == np.array(ref_idx)).all())
+    return gather_ok and (idx_exact or kind == "normal"), idx_exact
+
+
+def check_attention(be, B, Hkv, G, L, T, hd, k, dtype, seed):
+    mx.random.seed(seed)
+    dt = DT[dtype]
+    q = mx.random.normal((B, Hkv * G, L, hd)).astype(dt)
+    keys = mx.random.normal((B, Hkv, T + 3, hd)).astype(dt)[:, :, :T]
+    values = mx.random.normal((B, Hkv, T + 3, hd)).astype(dt)[:, :, :T]
+    qi = mx.random.normal((B, L, 32))
+    ki = mx.random.normal((B, T, 32))
+    idx = sparse.route_ref(qi, ki, k, T - L)
+    scale = hd**-0.5
+    got = sparse.sparse_attention(q, keys, values, idx, scale) if be else None
+    ref = sparse.sparse_attention_ref(q, keys, values, idx, scale)
+    if got is None:
+        got = ref
+    mx.eval(got, ref)
+    err = float(np.abs(f32(got) - f32(ref)).max())
+    return err <= ATOL[dtype] * 4, err
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="small shapes only (CPU dry run)")
+    args = ap.parse_args()
+    be = kernels.backend()
+    Ts = [1, 7, 64, 65, 255, 256, 257, 2047, 2048, 2049, 5003, 65537, 131072, 1_000_003, 1 << 20]
+    if args.quick:
+        Ts = [t for t in Ts if t <= 5003]
+    rows, fails = [], 0
+    t_start = time.time()
+    seed = 0
+
+    def record(kind, params, ok, extra):
+        nonlocal fails
+        fails += not ok
+        rows.append(dict(check=kind, ok=ok, **params, **extra))
+        if not ok:
+            print("FAIL", kind, params, extra, flush=True)
+
+    for T in Ts:
+        for k in (64, 2048):
+            for dtype in DT:
+                for data in ("int", "normal"):
+                    seed += 1
+                    big = T > 200_000
+                    cases = [dict(B=1, L=1, offset=T - 1, D=128)]
+                    if not big:
+                        cases += [
+                            dict(B=2, L=3, offset=max(0, T - 3), D=64),  # fused rows
+                            dict(B=1, L=9, offset=max(0, T - 9), D=40),  # matmul path
+                        ]
+                        if T <= 2049:
+                            cases.append(dict(B=2, L=T, offset=0, D=32))  # prefill rows
+                    for c in cases:
+                        p = dict(T=T, k=k, dtype=dtype, data=data, **c)
+                        ok, exact = check_route(be, c["B"], c["L"], T, c["D"], k, c["offset"], dtype, data, seed, strided=c["B"] > 1)
+                        record("route", p, ok, dict(exact=exact))
+    for T in [t for t in Ts if t > 64]:
+        for k in (64, 2048):
+            if T <= k:
+                continue
+            for dtype in DT:
+                for Hkv, hd in ((1, 128), (4, 64)):
+                    seed += 1
+                    p = dict(T=T, k=k, dtype=dtype, Hkv=Hkv, hd=hd, B=2 if T < 200_000 else 1)
+                    ok, exact = check_select_kv(be, p["B"], Hkv, T, hd, 128, k, dtype, "int", seed)
+                    record("select_kv", p, ok, dict(idx_exact=exact))
+    for T in [t for t in Ts if 1 <= t <= 131072] + ([1 << 20] if not args.quick else []):
+        for k in (64, 2048):
+            for dtype in DT:
+                for G in (1, 5):
+                    for L, hd in ((1, 128), (7, 64), (33, 128)):
+                        if T > 200_000 and L > 7:
+                            continue
+                        seed += 1
+                        B, Hkv = (2, 2) if T < 10_000 else (1, 4)
+                        p = dict(T=T, k=k, dtype=dtype, G=G, L=min(L, T), hd=hd, B=B, Hkv=Hkv)
+                        ok, err = check_attention(be, B, Hkv, G, min(L, T), T, hd, k, dtype, seed)
+                        record("sparse_attention", p, ok, dict(max_abs_err=err))
+    summary = dict(
+        backend=be or "reference (dry run)",
+        device=str(mx.default_device()),
+        mlx=mx.__version__,
+        python=platform.python_version(),
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        checks=len(rows),
+        failures=fails,
+        route_exact=sum(r["exact"] for r in rows if r["check"] == "route"),
+        route_total=sum(r["check"] == "route" for r in rows),
+        seconds=round(time.time() - t_start, 1),
+    )
+    for kind in ("route", "select_kv", "sparse_attention"):
+        summary[f"{kind}_ok"] = f"{sum(r['ok'] for r in rows if r['check'] == kind)}/{sum(r['check'] == kind for r in rows)}"
+    errs = {}
+    for r in rows:
+        if r["check"] == "sparse_attention":
+            errs[r["dtype"]] = max(errs.get(r["dtype"], 0.0), r["max_abs_err"])
+    summary["attention_max_abs_err"] = errs
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(summary=summary, rows=rows), indent=1))
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
