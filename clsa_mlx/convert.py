@@ -215,8 +215,37 @@ def fla_to_official(name: str) -> str:
     return name
 
 
+_FLA_LAYER_INV = (
+    ("mixer_layer_norm.", "attn_norm."), ("final_layer_norm.", "mlp_norm."), ("mixer.out_proj.", "attn.o_proj."),
+    ("mixer.gt_proj.", "attn.gk_proj."), ("mixer.", "attn."), ("ffn.fc1.", "mlp.gate_proj."),
+    ("ffn.gate.", "mlp.up_proj."), ("ffn.fc2.", "mlp.down_proj."),
+)
+
+
+def official_to_fla(name: str) -> str:
+    """The inverse of fla_to_official (used to name a missing tensor the way the source names it)."""
+    for a, b in (("embed_tokens.", "model.embeddings."), ("output_projection.", "lm_head."),
+                 ("layer_norm.", "model.norm."), ("cross_decoder.kv_layer_norm.", "model.shared_kv_builder.kv_norm.")):
+        if name.startswith(a):
+            return b + name[len(a):]
+    m = re.match(r"(self|cross)_decoder\.layers\.(\d+)\.(.*)$", name)
+    if m:
+        rest = m[3]
+        for a, b in _FLA_LAYER_INV:
+            if rest.startswith(a):
+                rest = b + rest[len(a):]
+                break
+        return f"model.{m[1]}_layers.{m[2]}.{rest}"
+    if name.startswith("cross_decoder."):
+        return "model.shared_kv_builder." + name[len("cross_decoder."):]
+    return name
+
+
 def _normalize_names(weights: dict, where: str):
-    """-> (weights under official names, {official name: name in the file})."""
+    """-> (weights under official names, {official name: name in the file}).
+
+    The origin map also names *expected* tensors the way the source would (FLA names for an FLA
+    checkpoint, with the `decoder.model.` prefix for a fairseq one), for error messages."""
     weights = {k: v for k, v in weights.items() if not k.endswith(IGNORED_SUFFIXES) and k != "decoder.version"}
     if any(k.startswith(FAIRSEQ_PREFIX) for k in weights):
         origin = {k.removeprefix(FAIRSEQ_PREFIX): k for k in weights}
@@ -231,7 +260,19 @@ def _normalize_names(weights: dict, where: str):
                 raise ConvertError(f"{where}: tensors {morigin[new]} and {origin[k]} both map to {new}")
             mapped[new], morigin[new] = v, origin[k]
         weights, origin = mapped, morigin
+        origin = _NamesInSource(origin, official_to_fla)
+    elif any(o.startswith(FAIRSEQ_PREFIX) for o in origin.values()):
+        origin = _NamesInSource(origin, lambda k: FAIRSEQ_PREFIX + k)
     return weights, origin
+
+
+class _NamesInSource(dict):
+    def __init__(self, known, guess):
+        super().__init__(known)
+        self.guess = guess
+
+    def get(self, key, default=None):
+        return self[key] if key in self else self.guess(key)
 
 
 # --------------------------------------------------------------------------------------
@@ -369,11 +410,15 @@ def read_source(src: Path):
             if "checkpoint.pth" not in names:
                 raise ConvertError(f"{folder}: several checkpoints ({', '.join(names)}); pass the one to convert")
             pths = [folder / "checkpoint.pth"]
-        if not params.is_file():
-            raise ConvertError(f"{params}: missing (an official YOCO checkpoint needs its params.json)")
-        args = params_to_args(_load_json(params), str(params))
         weights = _read_torch(pths[0])
         weights, origin = _normalize_names(weights, str(pths[0]))
+        if params.is_file():
+            args = params_to_args(_load_json(params), str(params))
+        elif config.is_file():
+            args, extra = _config_json_args(config, weights, origin)
+            extra.pop("_fla")
+        else:
+            raise ConvertError(f"{params}: missing (an official YOCO checkpoint needs its params.json)")
         return args, weights, origin, f"official checkpoint {pths[0].name}", extra
 
     files, index = _sharded(folder, "model.safetensors.index.json", "*.safetensors")
@@ -391,25 +436,32 @@ def read_source(src: Path):
         )
     if not config.is_file():
         raise ConvertError(f"{config}: missing (a Hugging Face-style checkpoint needs its config.json)")
-    cfg = _load_json(config)
-    if "quantization" in cfg or "quantization_config" in cfg:
-        raise ConvertError(f"{config}: the checkpoint is already quantized; convert the full-precision one")
     _log(f"[INFO] Reading {len(files)} weight file(s) from {folder}")
     weights = _read_files(files, reader, index)
     weights, origin = _normalize_names(weights, str(folder))
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if cfg.get(k) is not None:
-            extra[k] = cfg[k]
-    if "hidden_size" in cfg and "dim" not in cfg:
+    args, extra = _config_json_args(config, weights, origin)
+    kind = "FLA-style" if extra.pop("_fla") else "Hugging Face-style"
+    return args, weights, origin, f"{kind} {files[0].suffix[1:]} ({len(files)} file(s))", extra
+
+
+def _config_json_args(config: Path, weights: dict, origin: dict):
+    """config.json: FLA's YOCOConfig (hidden_size, ...) or our own names (dim, ...)."""
+    cfg = _load_json(config)
+    if "quantization" in cfg or "quantization_config" in cfg:
+        raise ConvertError(f"{config}: the checkpoint is already quantized; convert the full-precision one")
+    extra = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+    dtype = cfg.get("torch_dtype", cfg.get("dtype"))
+    if dtype in DTYPES:
+        extra["_dtype"] = dtype  # mlx-lm's default when --dtype is not given
+    extra["_fla"] = "hidden_size" in cfg and "dim" not in cfg
+    if extra["_fla"]:
         args = fla_config_to_args(cfg, weights, str(config))
         if "output_projection.weight" not in weights and cfg.get("tie_word_embeddings") and "embed_tokens.weight" in weights:
             weights["output_projection.weight"] = weights["embed_tokens.weight"]  # our model is untied
             origin["output_projection.weight"] = origin["embed_tokens.weight"]
-        kind = "FLA-style"
     else:
         args = params_to_args(cfg, str(config), strict=False)
-        kind = "Hugging Face-style"
-    return args, weights, origin, f"{kind} {files[0].suffix[1:]} ({len(files)} file(s))", extra
+    return args, extra
 
 
 # --------------------------------------------------------------------------------------
@@ -420,7 +472,8 @@ def check_weights(model, weights: dict, origin: dict, where: str):
     expected = dict(tree_flatten(model.parameters()))
     for k in expected:
         if k not in weights:
-            raise ConvertError(f"{where}: missing tensor {k}")
+            name = origin.get(k, k)
+            raise ConvertError(f"{where}: missing tensor {name}" + (f" ({k})" if name != k else ""))
     for k in weights:
         if k not in expected:
             raise ConvertError(f"{where}: unexpected tensor {origin.get(k, k)}")
@@ -555,7 +608,8 @@ def convert(
     where = str(src)
     _log(f"[INFO] {kind}: {args.self_decoder} self-decoder, {args.n_layers} layers, dim {args.dim}, "
          f"{'CLSA top-' + str(args.index_topk) if args.sparse else 'dense YOCO'}")
-    dtype = dtype or _source_dtype(weights)
+    config_dtype = extra.pop("_dtype", None)
+    dtype = dtype or config_dtype or _source_dtype(weights)
     _log(f"[INFO] Using dtype: {dtype}")
     model = build_model(args, weights, origin, where, dtype, progress)
     del weights

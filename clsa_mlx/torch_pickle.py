@@ -11,7 +11,7 @@ A plain `pickle.load` would import and call whatever globals the file names
 allowlist: it hands out *our own* small functions for the tensor-rebuild globals and
 a few plain containers, and refuses every other global with an error that names it,
 before anything is called. Storages become numpy views of a read-only memory map of
-the archive (zero copy; CRC-checked), so converting needs no torch install.
+the archive (zero copy; CRC-checked when first used), so converting needs no torch install.
 
 bfloat16 (and float8) have no numpy dtype: their raw bits are kept (uint16 / uint8)
 and `TensorData.to_mlx()` reinterprets them, so no value goes through float32.
@@ -102,14 +102,22 @@ class TensorData:
 
     array: np.ndarray
     dtype: str  # torch dtype name, e.g. "bfloat16"
+    storage: Optional["_Storage"] = None
 
     @property
     def shape(self):
         return tuple(self.array.shape)
 
+    def verify(self):
+        """Check the CRC-32 of the bytes behind this tensor (done once per storage, on first use)."""
+        if self.storage is not None:
+            self.storage.verify()
+        return self
+
     def to_mlx(self):
         import mlx.core as mx
 
+        self.verify()
         a = np.ascontiguousarray(self.array)
         if self.dtype == "bfloat16":
             return mx.array(a).view(mx.bfloat16)
@@ -148,6 +156,15 @@ class _Storage:
     raw: np.ndarray  # uint8 bytes
     dtype: Optional[str]
     key: str
+    crc: Optional[int] = None  # expected CRC-32; None once checked (or when zipfile checked it)
+    where: str = ""
+
+    def verify(self):
+        # Lazy, so that a training checkpoint's optimizer state is never read, only mapped.
+        if self.crc is not None:
+            if zlib.crc32(self.raw) != self.crc:
+                raise TorchFormatError(f"{self.where}: checksum mismatch in storage {self.key} (corrupted file)")
+            self.crc = None
 
 
 def _rebuild(storage, offset, size, stride, dtype):
@@ -169,7 +186,7 @@ def _rebuild(storage, offset, size, stride, dtype):
     n = storage.raw.size // np_dtype.itemsize
     values = storage.raw[: n * np_dtype.itemsize].view(np_dtype)
     if 0 in size:
-        return TensorData(np.zeros(size, np_dtype), dtype)
+        return TensorData(np.zeros(size, np_dtype), dtype, storage)
     last = offset + sum((s - 1) * st for s, st in zip(size, stride))
     if last >= n:
         raise TorchFormatError(
@@ -182,7 +199,7 @@ def _rebuild(storage, offset, size, stride, dtype):
         strides=tuple(st * np_dtype.itemsize for st in stride),
         writeable=False,
     )
-    return TensorData(arr, dtype)
+    return TensorData(arr, dtype, storage)
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
@@ -353,13 +370,16 @@ class _Archive:
             if start + info.file_size > self.size:
                 raise TorchFormatError(f"{self.path}: storage {name} lies past the end of the file (truncated)")
             raw = np.frombuffer(self.map, np.uint8, info.file_size, start)
-            if zlib.crc32(raw) != info.CRC:
-                raise TorchFormatError(f"{self.path}: checksum mismatch in {name} (corrupted file)")
+            crc = info.CRC
         else:
-            raw = np.frombuffer(self._read_small(f"data/{key}"), np.uint8)
+            raw = np.frombuffer(self._read_small(f"data/{key}"), np.uint8)  # zipfile checks the CRC
+            crc = None
         if self.big_endian and dtype in _DTYPES and np.dtype(_DTYPES[dtype]).itemsize > 1:
+            if crc is not None and zlib.crc32(raw) != crc:
+                raise TorchFormatError(f"{self.path}: checksum mismatch in {name} (corrupted file)")
             raw = raw.view(np.dtype(_DTYPES[dtype]).newbyteorder(">")).astype(_DTYPES[dtype]).view(np.uint8)
-        st = _Storage(raw, dtype, key)
+            crc = None
+        st = _Storage(raw, dtype, key, crc, self.path)
         self.storages[key] = st
         return st
 
@@ -368,7 +388,8 @@ def load(path) -> Any:
     """Load a `torch.save` zip file. Tensors come back as `TensorData`, containers as dicts/lists.
 
     Raises `UnsafePickleError` for any global outside the allowlist (nothing is called before
-    the check) and `TorchFormatError` for unreadable files.
+    the check) and `TorchFormatError` for unreadable files. Tensor bytes are memory-mapped, not
+    read: their CRC is checked by `TensorData.verify()` / `to_mlx()`.
     """
     try:
         archive = _Archive(path)

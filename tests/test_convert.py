@@ -174,8 +174,9 @@ def test_reader_detects_truncation_and_corruption(tmp_path):
     bad[len(data) // 2] ^= 0xFF  # inside the tensor's bytes
     broken = tmp_path / "broken.pth"
     broken.write_bytes(bytes(bad))
+    got = torch_pickle.load(broken)  # tensor bytes are mapped, and checked when used
     with pytest.raises(torch_pickle.TorchFormatError, match="checksum"):
-        torch_pickle.load(broken)
+        got["w"].to_mlx()
 
 
 # ======================================================================================
@@ -202,10 +203,46 @@ def test_parity_fp32(tmp_path, variant, layout):
 def test_fla_name_map_covers_every_parameter():
     from convert_fixtures import official_to_fla
 
+    from clsa_mlx.convert import official_to_fla as inverse
+
     for variant in VARIANTS:
         model, _ = make_model(variant)
         for k in model.state_dict():
             assert fla_to_official(official_to_fla(k)) == k
+            assert inverse(k) == official_to_fla(k)
+
+
+def test_fla_tied_embeddings(tmp_path):
+    """tie_word_embeddings: no lm_head in the file; our model is untied, so the head is a copy."""
+    model, args = make_model("retention-dense")
+    with torch.no_grad():
+        model.output_projection.weight.copy_(model.embed_tokens.weight)
+    src = write_hf(model, args, tmp_path / "src", "safetensors", "fla")
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(src / "model.safetensors"))
+    del sd["lm_head.weight"]
+    save_file(sd, str(src / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (src / "config.json").write_text(json.dumps(cfg))
+    dst = convert(str(src), str(tmp_path / "mlx"), progress=False)
+    toks = tokens(args.vocab_size)
+    assert np.abs(mlx_logits(dst, toks) - torch_logits(model, toks)).max() <= 1e-4
+
+
+def test_pth_with_config_json(tmp_path):
+    """A .pth next to a config.json (no params.json), e.g. an FLA checkpoint saved with torch.save."""
+    from convert_fixtures import fla_config, official_to_fla
+
+    model, args = make_model("swa-clsa")
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save({official_to_fla(k): v for k, v in state_dict(model).items()}, src / "model.pth")
+    (src / "config.json").write_text(json.dumps(fla_config(args)))
+    dst = convert(str(src), str(tmp_path / "mlx"), progress=False)
+    toks = tokens(args.vocab_size)
+    assert np.abs(mlx_logits(dst, toks) - torch_logits(model, toks)).max() <= 1e-4
 
 
 # bf16 / fp16: the saved weights are bit-exact; logits are compared with the fp32 reference run on
@@ -390,6 +427,26 @@ def bad_unexpected_fla_key(tmp_path):
     return src, "model.self_layers.0.attn.bogus.weight"
 
 
+def bad_missing_fla_key(tmp_path):
+    model, args = make_model("retention-clsa")
+    src = write_hf(model, args, tmp_path / "src", "bin", "fla")
+    sd = torch.load(src / "pytorch_model.bin")
+    del sd["model.cross_layers.1.mlp.down_proj.weight"]
+    torch.save(sd, src / "pytorch_model.bin")
+    return src, "missing tensor model.cross_layers.1.mlp.down_proj.weight"
+
+
+def bad_missing_fairseq_key(tmp_path):
+    from convert_fixtures import write_fairseq
+
+    model, args = make_model("swa-dense")
+    src = write_fairseq(model, args, tmp_path / "src")
+    ckpt = torch.load(src / "checkpoint.pth")
+    del ckpt["model"]["decoder.model.self_decoder.layers.0.mixer.k_proj.weight"]
+    torch.save(ckpt, src / "checkpoint.pth")
+    return src, "decoder.model.self_decoder.layers.0.mixer.k_proj.weight"
+
+
 def bad_shape(tmp_path):
     src, model, _ = _official(tmp_path)
     sd = state_dict(model)
@@ -475,7 +532,8 @@ def bad_fla_deltanet(tmp_path):
     return src, "gated_deltanet"
 
 
-BAD = [bad_missing_params, bad_missing_config, bad_missing_key, bad_unexpected_key, bad_unexpected_fla_key,
+BAD = [bad_missing_params, bad_missing_config, bad_missing_key, bad_missing_fla_key, bad_missing_fairseq_key,
+       bad_unexpected_key, bad_unexpected_fla_key,
        bad_shape, bad_dtype, bad_complex, bad_truncated_pth, bad_corrupted_pth, bad_truncated_safetensors,
        bad_missing_shard, bad_pickle_code, bad_params_value, bad_params_unknown_key, bad_fla_deltanet]
 
