@@ -1,0 +1,184 @@
+"""Train the shipped CLSA model on the PyTorch reference, with the paper's three stages.
+
+  dense:  YOCO pretraining (SWA self-decoder, RNoPE cross path), LM loss
+  warmup: backbone frozen, indexer only: KL(sg[mean dense cross attention] || softmax(I))
+  joint:  top-k sparse attention in the forward pass, L_LM + 0.1 * L_KD
+
+Each stage reads the previous stage's official checkpoint (checkpoint.pth + params.json) and
+writes its own, so a run can be split over several GPU sessions.
+
+  python training/train.py --data DIR --out DIR --stage dense --minutes 5
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from torch_ref.model import Model, ModelArgs, indexer_kd_loss, load_official, save_official  # noqa: E402
+from training.data import Sampler  # noqa: E402
+
+SHIPPED = dict(
+    model_type="clsa", dim=256, n_layers=8, hidden_dim=768, n_self_heads=4, n_self_kv_heads=2,
+    n_attn_heads=4, n_attn_kv_heads=2, vocab_size=4096, max_seq_len=131072, sliding_window=256,
+    qk_norm=True, cross_rope=False, rope_style="standard", rope_theta=10000.0, norm_eps=1e-5,
+    index_topk=256, index_head_dim=32,
+)
+STAGES = {  # lr, loss weights (lm, kd), sparse forward, trainable
+    "dense": dict(lr=2e-3, lm=1.0, kd=0.0, sparse=False, only_indexer=False),
+    "warmup": dict(lr=1e-3, lm=0.0, kd=1.0, sparse=False, only_indexer=True),
+    "joint": dict(lr=2e-4, lm=1.0, kd=0.1, sparse=True, only_indexer=False),
+}
+
+
+class Batches(torch.utils.data.IterableDataset):
+    def __init__(self, data_dir, seq, batch, seed):
+        self.data_dir, self.seq, self.batch, self.seed = data_dir, seq, batch, seed
+
+    def __iter__(self):
+        import sentencepiece as spm
+
+        info = torch.utils.data.get_worker_info()
+        sp = spm.SentencePieceProcessor(model_file=str(self.data_dir / "tokenizer.model"))
+        corpus = np.load(self.data_dir / "corpus_ids.npy")
+        sampler = Sampler(sp, corpus, seed=self.seed * 1000 + (info.id if info else 0))
+        while True:
+            rows = [sampler.sequence(self.seq + 1) for _ in range(self.batch)]
+            yield torch.from_numpy(np.stack([r[0] for r in rows])), torch.from_numpy(np.stack([r[1] for r in rows]))
+
+
+def lr_at(step, total, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
+
+
+@torch.no_grad()
+def answer_accuracy(model, data_dir, length, n, sparse, dev, seed=1234):
+    """Share of questions whose whole answer is the argmax under teacher forcing (= greedy)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(data_dir / "tokenizer.model"))
+    sampler = Sampler(sp, np.load(data_dir / "corpus_ids.npy"), seed=seed)
+    right = total = 0
+    for _ in range(n):
+        ids, _, answers = sampler.chat_task(length)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            pred = model(torch.tensor([ids], device=dev), sparse=sparse)[0].argmax(-1).tolist()
+        for start, a in answers:
+            right += pred[start - 1:start - 1 + len(a)] == a
+            total += 1
+    return right / total
+
+
+def train(args):
+    cfg = STAGES[args.stage]
+    dev = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    if args.init:
+        model, margs = load_official(args.init, device="cpu")
+        model = model.float()
+    else:
+        margs = ModelArgs(**SHIPPED)
+        model = Model(margs)
+    model.to(dev).train()
+    params = [p for n, p in model.named_parameters() if not cfg["only_indexer"] or ".indexer." in n]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg["lr"], betas=(0.9, 0.95), eps=1e-8, fused=dev.type == "cuda")
+    loader = torch.utils.data.DataLoader(Batches(args.data, args.seq, args.batch, args.seed), batch_size=None,
+                                         num_workers=args.workers, prefetch_factor=4 if args.workers else None)
+    it = iter(loader)
+    log, t0, step = [], time.time(), 0
+    budget = args.minutes * 60
+    est_total = args.steps or 10**9
+    while True:
+        elapsed = time.time() - t0
+        if (args.steps and step >= args.steps) or (not args.steps and elapsed > budget):
+            break
+        if not args.steps and step == 20:  # estimate the schedule length from the first steps
+            est_total = int(budget / (elapsed / 20))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, est_total, cfg["lr"], args.warmup)
+        ids, w = next(it)
+        ids, w = ids.to(dev, non_blocking=True).long(), w.to(dev, non_blocking=True)
+        x, y, w = ids[:, :-1], ids[:, 1:], w[:, 1:]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            need_aux = cfg["kd"] > 0
+            out = model(x, sparse=cfg["sparse"], return_aux=need_aux)
+            logits, aux = out if need_aux else (out, None)
+        loss = torch.zeros((), device=dev)
+        if cfg["lm"]:
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(w)
+            lm = (ce * w).sum() / w.sum()
+            loss = loss + cfg["lm"] * lm
+        if cfg["kd"]:
+            kd = indexer_kd_loss(aux["index_scores"], aux["abar"])
+            loss = loss + cfg["kd"] * kd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % args.log_every == 0:
+            with torch.no_grad():
+                answer = w == 1.0
+                acc = ((logits.argmax(-1) == y) & answer).sum() / answer.sum().clamp(min=1)
+            row = dict(step=step, seconds=round(time.time() - t0, 1), loss=round(loss.item(), 4),
+                       answer_token_acc=round(acc.item(), 4), lr=opt.param_groups[0]["lr"])
+            if cfg["kd"]:
+                row["kd"] = round(kd.item(), 4)
+            log.append(row)
+            print(json.dumps(row), flush=True)
+        step += 1
+    model.eval()
+    evals = {}
+    for length in args.eval_lengths:
+        for sparse in ([False, True] if margs.index_topk else [False]):
+            acc = answer_accuracy(model, args.data, length, args.eval_samples, sparse, dev)
+            evals[f"{'clsa' if sparse else 'dense'}@{length}"] = acc
+            print(f"retrieval {'clsa' if sparse else 'dense'} @ {length}: {acc:.3f}", flush=True)
+    model.cpu()
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_official(model, margs, args.out)
+    tokens = step * args.batch * args.seq
+    (args.out / f"train_{args.stage}.json").write_text(json.dumps(
+        dict(stage=args.stage, steps=step, tokens=tokens, seq=args.seq, batch=args.batch, seconds=time.time() - t0,
+             device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__,
+             config=SHIPPED, stage_config=cfg, retrieval=evals, log=log), indent=1))
+    print(f"{args.stage}: {step} steps, {tokens / 1e6:.1f}M tokens in {time.time() - t0:.0f}s -> {args.out}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=pathlib.Path, required=True, help="folder with tokenizer.model, corpus_ids.npy")
+    p.add_argument("--out", type=pathlib.Path, required=True)
+    p.add_argument("--stage", choices=STAGES, required=True)
+    p.add_argument("--init", type=pathlib.Path, help="official checkpoint folder to start from")
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=0, help="fixed step count instead of --minutes")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--workers", type=int, default=6)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-lengths", type=int, nargs="*", default=[], help="retrieval check after training")
+    p.add_argument("--eval-samples", type=int, default=20)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()
