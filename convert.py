@@ -21,8 +21,10 @@ import click
 @click.option("-q", "--quantize", is_flag=True, help="Quantize (mlx-lm format).")
 @click.option("--q-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
               help="Bits per weight [default: 4].")
-@click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), default=None,
+@click.option("--q-group-size", type=click.Choice(["16", "32", "64", "128"]), default=None,
               help="Quantization group size [default: 64].")
+@click.option("--q-mode", type=click.Choice(["affine", "mxfp4", "nvfp4", "mxfp8"]), default="affine",
+              show_default=True, help="Quantization mode (as mlx-lm's).")
 @click.option("--quantize-indexer", is_flag=True,
               help="Also quantize the CLSA indexer projections (kept in --dtype by default).")
 @click.option("--tokenizer", default=None,
@@ -32,7 +34,7 @@ import click
 @click.option("--max-shard-size-gb", type=float, default=5.0, show_default=True,
               help="Split the safetensors into shards of about this size.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the full traceback on errors.")
-def main(torch_path, mlx_path, dtype, quantize, q_bits, q_group_size, quantize_indexer, tokenizer,
+def main(torch_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, quantize_indexer, tokenizer,
          revision, upload_repo, max_shard_size_gb, verbose):
     """Convert a PyTorch YOCO / CLSA checkpoint to an MLX folder for clsa_mlx and mlx-lm."""
     from clsa_mlx.convert import ConvertError, convert
@@ -41,6 +43,7 @@ def main(torch_path, mlx_path, dtype, quantize, q_bits, q_group_size, quantize_i
         convert(
             torch_path, mlx_path, dtype=dtype, quantize=quantize,
             q_bits=int(q_bits) if q_bits else None, q_group_size=int(q_group_size) if q_group_size else None,
+            q_mode=q_mode,
             tokenizer=tokenizer, upload_repo=upload_repo, revision=revision,
             quantize_indexer=quantize_indexer, max_shard_gb=max_shard_size_gb,
         )

@@ -35,6 +35,8 @@ from .config import ModelArgs
 
 MAX_SHARD_GB = 5.0  # mlx-lm's MAX_FILE_SIZE_GB
 DTYPES = ("float16", "bfloat16", "float32")
+# mlx quantization modes -> the (group size, bits) each non-affine mode fixes (affine: defaults 64, 4)
+Q_MODES = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 # official runtime fields of params.json that do not describe the model (yoco-official-code.md §2.1)
@@ -588,6 +590,7 @@ def convert(
     quantize: bool = False,
     q_bits: Optional[int] = None,
     q_group_size: Optional[int] = None,
+    q_mode: str = "affine",
     tokenizer: Optional[str] = None,
     upload_repo: Optional[str] = None,
     revision: Optional[str] = None,
@@ -600,8 +603,14 @@ def convert(
         raise ConvertError(f"{dst}: already exists; remove it or choose another --mlx-path")
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
-    if not quantize and (q_bits is not None or q_group_size is not None):
-        raise ConvertError("--q-bits / --q-group-size need -q/--quantize")
+    if not quantize and (q_bits is not None or q_group_size is not None or q_mode != "affine"):
+        raise ConvertError("--q-bits / --q-group-size / --q-mode need -q/--quantize")
+    if q_mode not in Q_MODES:
+        raise ConvertError(f"--q-mode {q_mode}: not one of {', '.join(Q_MODES)}")
+    if q_mode != "affine":
+        gs, bits = Q_MODES[q_mode]
+        if q_group_size not in (None, gs) or q_bits not in (None, bits):
+            raise ConvertError(f"--q-mode {q_mode} means {bits} bits in groups of {gs}")
 
     src = resolve_source(str(torch_path), revision)
     args, weights, origin, kind, extra = read_source(src)
@@ -619,7 +628,7 @@ def convert(
         from mlx_lm.utils import quantize_model
 
         _log("[INFO] Quantizing")
-        model, config = quantize_model(model, config, q_group_size, q_bits,
+        model, config = quantize_model(model, config, q_group_size, q_bits, mode=q_mode,
                                        quant_predicate=quant_predicate(quantize_indexer))
 
     dst.parent.mkdir(parents=True, exist_ok=True)

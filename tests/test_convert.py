@@ -338,6 +338,42 @@ def test_quantized(tmp_path, variant, bits):
     assert isinstance(mlx_lm.generate(m2, tok2, "hi", max_tokens=4), str)
 
 
+def test_q_mode_mxfp4(tmp_path):
+    model, args = make_model("swa-clsa", hidden_dim=192)
+    src = write_official(model, args, tmp_path / "src")
+    full = convert(str(src), str(tmp_path / "full"), progress=False)
+    r = run_cli("--torch-path", src, "--mlx-path", tmp_path / "q", "-q", "--q-mode", "mxfp4")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization"] == {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+    toks = tokens(args.vocab_size, batch=4, seed=1)
+    kl, _ = _kl_top1(mlx_logits(full, toks), mlx_logits(tmp_path / "q", toks))
+    assert kl <= 2e-2, kl
+    r = run_cli("--torch-path", src, "--mlx-path", tmp_path / "bad", "-q", "--q-mode", "mxfp4", "--q-bits", "8")
+    assert r.exit_code == 1 and "mxfp4" in error_line(r)
+
+
+def test_progress_for_large_checkpoints(tmp_path):
+    model, args = make_model("retention-dense", n_layers=16)  # > 64 tensors
+    src = write_official(model, args, tmp_path / "src")
+    r = run_cli("--torch-path", src, "--mlx-path", tmp_path / "mlx")
+    n = len(model.state_dict())
+    assert r.exit_code == 0 and f"Converted {n}/{n} tensors" in r.stderr
+    assert sum("Converted" in line for line in r.stderr.splitlines()) >= 10
+
+
+def test_upload_repo_uses_mlx_lm(tmp_path, monkeypatch):
+    import mlx_lm.utils
+
+    calls = []
+    monkeypatch.setattr(mlx_lm.utils, "upload_to_hub", lambda path, repo: calls.append((path, repo)))
+    src, _, _ = _official(tmp_path)
+    r = run_cli("--torch-path", src, "--mlx-path", tmp_path / "mlx", "--upload-repo", "me/tiny-mlx")
+    assert r.exit_code == 0, r.output
+    assert calls == [(str(tmp_path / "mlx"), "me/tiny-mlx")]
+    assert (tmp_path / "mlx" / "README.md").read_text().startswith("---\nlibrary_name: mlx")
+
+
 def test_quantize_indexer_flag(tmp_path):
     model, args = make_model("retention-clsa")
     src = write_official(model, args, tmp_path / "src")
