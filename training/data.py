@@ -71,6 +71,9 @@ def train_tokenizer(corpus_file, prefix, vocab_size=4096):
         character_coverage=1.0, byte_fallback=True, split_digits=True, user_defined_symbols=SPECIALS,
         bos_id=1, eos_id=2, unk_id=0, pad_id=-1, input_sentence_size=2_000_000, shuffle_input_sentence=True,
         max_sentence_length=8192, num_threads=2, minloglevel=2,
+        # Keep text as written (newlines, runs of spaces) so the Hugging Face conversion of this
+        # model encodes exactly as sentencepiece does.
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
     )
 
 
