@@ -398,52 +398,52 @@ def resolve_source(src: str, revision: Optional[str] = None, patterns=None) -> P
         raise ConvertError(f"{src}: not a local path, and the hub id could not be resolved ({first})") from None
 
 
+NOT_WEIGHTS = ("optimizer.pt", "scheduler.pt", "rng_state", "training_args")  # HF Trainer side files
+
+
+def _find_checkpoint(src: Path):
+    """-> (kind, files, index file or None). kind: 'pth', 'safetensors' or 'bin'."""
+    if src.is_file():
+        kind = {".pth": "pth", ".pt": "pth", ".safetensors": "safetensors", ".bin": "bin"}.get(src.suffix)
+        if kind is None:
+            raise ConvertError(f"{src}: not a checkpoint file (.pth, .pt, .bin or .safetensors)")
+        return kind, [src], None
+    if (src / "checkpoint.pth").is_file():  # the official release layout
+        return "pth", [src / "checkpoint.pth"], None
+    files, index = _sharded(src, "model.safetensors.index.json", "*.safetensors")
+    if files:
+        return "safetensors", files, index
+    files, index = _sharded(src, "pytorch_model.bin.index.json", "pytorch_model*.bin")
+    if files:
+        return "bin", files, index
+    pths = sorted(p for p in [*src.glob("*.pth"), *src.glob("*.pt")] if not p.name.startswith(NOT_WEIGHTS))
+    if len(pths) > 1:
+        raise ConvertError(f"{src}: several checkpoints ({', '.join(p.name for p in pths)}); pass the one to convert")
+    if pths:
+        return "pth", pths, None
+    raise ConvertError(f"{src}: no checkpoint found (checkpoint.pth + params.json, *.safetensors or pytorch_model*.bin)")
+
+
 def read_source(src: Path):
     """-> (ModelArgs, {official name: tensor}, {official name: name in file}, description, extra config)."""
-    folder, chosen = (src.parent, src) if src.is_file() else (src, None)
+    kind, files, index = _find_checkpoint(src)
+    folder = src.parent if src.is_file() else src
     params, config = folder / "params.json", folder / "config.json"
-    pths = sorted(p for p in [*folder.glob("*.pth"), *folder.glob("*.pt")]) if chosen is None else []
-    if chosen is not None and chosen.suffix in (".pth", ".pt"):
-        pths = [chosen]
-    extra = {}
-    if pths:
-        if len(pths) > 1:
-            names = [p.name for p in pths]
-            if "checkpoint.pth" not in names:
-                raise ConvertError(f"{folder}: several checkpoints ({', '.join(names)}); pass the one to convert")
-            pths = [folder / "checkpoint.pth"]
-        weights = _read_torch(pths[0])
-        weights, origin = _normalize_names(weights, str(pths[0]))
-        if params.is_file():
-            args = params_to_args(_load_json(params), str(params))
-        elif config.is_file():
-            args, extra = _config_json_args(config, weights, origin)
-            extra.pop("_fla")
-        else:
+    if kind == "pth":
+        if not params.is_file() and not config.is_file():
             raise ConvertError(f"{params}: missing (an official YOCO checkpoint needs its params.json)")
-        return args, weights, origin, f"official checkpoint {pths[0].name}", extra
-
-    files, index = _sharded(folder, "model.safetensors.index.json", "*.safetensors")
-    reader = _read_safetensors
-    if chosen is not None and chosen.suffix == ".safetensors":
-        files, index = [chosen], None
-    if not files:
-        files, index = _sharded(folder, "pytorch_model.bin.index.json", "pytorch_model*.bin")
-        reader = _read_torch
-        if chosen is not None and chosen.suffix == ".bin":
-            files, index = [chosen], None
-    if not files:
-        raise ConvertError(
-            f"{folder}: no checkpoint found (checkpoint.pth + params.json, *.safetensors or pytorch_model*.bin)"
-        )
-    if not config.is_file():
+    elif not config.is_file():
         raise ConvertError(f"{config}: missing (a Hugging Face-style checkpoint needs its config.json)")
-    _log(f"[INFO] Reading {len(files)} weight file(s) from {folder}")
+    if len(files) > 1 or files[0].stat().st_size > 1 << 30:
+        _log(f"[INFO] Reading {len(files)} weight file(s) from {folder}")
+    reader = _read_safetensors if kind == "safetensors" else _read_torch
     weights = _read_files(files, reader, index)
-    weights, origin = _normalize_names(weights, str(folder))
+    weights, origin = _normalize_names(weights, str(files[0] if len(files) == 1 else folder))
+    if kind == "pth" and params.is_file():
+        return params_to_args(_load_json(params), str(params)), weights, origin, f"checkpoint {files[0].name}", {}
     args, extra = _config_json_args(config, weights, origin)
-    kind = "FLA-style" if extra.pop("_fla") else "Hugging Face-style"
-    return args, weights, origin, f"{kind} {files[0].suffix[1:]} ({len(files)} file(s))", extra
+    style = "FLA-style" if extra.pop("_fla") else "Hugging Face-style"
+    return args, weights, origin, f"{style} {files[0].suffix[1:]} ({len(files)} file(s))", extra
 
 
 def _config_json_args(config: Path, weights: dict, origin: dict):

@@ -231,6 +231,16 @@ def test_fla_tied_embeddings(tmp_path):
     assert np.abs(mlx_logits(dst, toks) - torch_logits(model, toks)).max() <= 1e-4
 
 
+def test_trainer_side_files_are_not_read(tmp_path):
+    """An HF Trainer checkpoint folder: the weights are read; optimizer/rng/args pickles never are."""
+    model, args = make_model("retention-clsa")
+    src = write_hf(model, args, tmp_path / "src", "safetensors", "fla")
+    for name in ("optimizer.pt", "rng_state.pth", "training_args.bin", "scheduler.pt"):
+        torch.save({"x": _Evil(tmp_path / "pwned")}, src / name)
+    dst = convert(str(src), str(tmp_path / "mlx"), progress=False)
+    assert (dst / "model.safetensors").is_file() and not (tmp_path / "pwned").exists()
+
+
 def test_pth_with_config_json(tmp_path):
     """A .pth next to a config.json (no params.json), e.g. an FLA checkpoint saved with torch.save."""
     from convert_fixtures import fla_config, official_to_fla
