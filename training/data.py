@@ -104,13 +104,19 @@ def make_task(rng: random.Random, kind: str):
 
 
 KINDS = ("kv", "multikey", "passkey", "twohop")
+HELD_OUT = 0.03  # the last 3% of the corpus tokens: never trained on, used for perplexity
+
+
+def split(corpus_ids: np.ndarray, part: str) -> np.ndarray:
+    cut = int(len(corpus_ids) * (1 - HELD_OUT))
+    return corpus_ids[:cut] if part == "train" else corpus_ids[cut:]
 
 
 class Sampler:
     """Token sequences of exactly `length` tokens with per-token loss weights."""
 
-    def __init__(self, sp, corpus_ids: np.ndarray, seed: int = 0):
-        self.sp, self.corpus, self.rng = sp, corpus_ids, random.Random(seed)
+    def __init__(self, sp, corpus_ids: np.ndarray, seed: int = 0, part: str = "train"):
+        self.sp, self.corpus, self.rng = sp, split(corpus_ids, part), random.Random(seed)
         self.bos, self.eos = sp.bos_id(), sp.eos_id()
         self.user, self.assistant, self.end = (sp.piece_to_id(s) for s in SPECIALS[1:])
 

@@ -66,7 +66,7 @@ def answer_accuracy(model, data_dir, length, n, sparse, dev, seed=1234):
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(data_dir / "tokenizer.model"))
-    sampler = Sampler(sp, np.load(data_dir / "corpus_ids.npy"), seed=seed)
+    sampler = Sampler(sp, np.load(data_dir / "corpus_ids.npy"), seed=seed, part="heldout")
     right = total = 0
     for _ in range(n):
         ids, _, answers = sampler.chat_task(length)
