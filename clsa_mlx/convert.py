@@ -25,7 +25,7 @@ import struct
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -314,7 +314,24 @@ def params_to_args(params: dict, where: str, strict: bool = True) -> ModelArgs:
 
 
 def fla_config_to_args(cfg: dict, weights: dict, where: str) -> ModelArgs:
-    """FLA `YOCOConfig` (config.json, model_type 'yoco') -> ModelArgs. See README "FLA configs"."""
+    """FLA `YOCOConfig` (config.json, model_type 'yoco') -> ModelArgs.
+
+        hidden_size -> dim;  num_hidden_layers -> n_layers (must be 2 x num_self_decoder_layers);
+        intermediate_size -> hidden_dim (or read off mlp.gate_proj when null);  vocab_size;
+        norm_eps (FLA default 1e-6);  self_decoder_attn.type -> self_decoder (gated_retention | swa;
+        gated_deltanet refused);  .num_heads -> n_self_heads;  .num_v_heads -> n_self_kv_heads (swa);
+        .window_size -> sliding_window;  .gate_logit_normalizer;  .rope_theta -> rope_theta (must equal
+        cross_decoder_attn.rope_theta);  cross_decoder_attn.num_heads / num_kv_heads -> n_attn_heads /
+        n_attn_kv_heads;  .qk_norm -> cross_qk_norm.
+        RoPE: gated_retention needs rope_inv_freq 'yoco' (interleaved, official frequencies) ->
+        rope_style 'yoco'; FLA's swa layer uses Llama-style RoPE -> rope_style 'standard'. FLA always
+        rotates the cross path (interleaved), which we express only when it matches the self-decoder's
+        style ('yoco'), or drop with cross_rope: false.
+        Refused: qkv_bias, attnres_block_size, hidden_act other than swish/silu.
+        Our CLSA keys may sit at the top level and win: index_topk, index_head_dim, qk_norm,
+        cross_qk_norm, cross_rope, rope_style, embed_scale, n_self_kv_heads, max_seq_len.
+        tie_word_embeddings with no lm_head in the file: the head is a copy of the embedding.
+    """
     sd = dict(cfg.get("self_decoder_attn") or {})
     cd = dict(cfg.get("cross_decoder_attn") or {})
     kind = sd.get("type", "gated_deltanet")
