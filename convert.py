@@ -17,7 +17,7 @@ import click
                    "*.safetensors / pytorch_model*.bin + config.json), a checkpoint file, or a hub id.")
 @click.option("--mlx-path", default="mlx_model", show_default=True, help="Output folder (must not exist).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-              help="dtype of the saved (non-quantized) weights. Default: the checkpoint's.")
+              help="dtype of the saved (non-quantized) weights. Default: config.json's torch_dtype, else the checkpoint's.")
 @click.option("-q", "--quantize", is_flag=True, help="Quantize (mlx-lm format).")
 @click.option("--q-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
               help="Bits per weight [default: 4].")
