@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 # Radix select: 8-bit digits, 4 levels over the 32-bit order-preserving score key.
-_TG = 256  # threads per group of the routing passes
+_TG = 256  # threads per group of the routing passes (one per histogram bin)
 _MAX_CHUNKS = 256  # chunks per row (the select pass scans them in one group)
 _FUSED_MAX_L = 4  # up to this many query rows score inside the kernel; more use a matmul
 _SHARED_BYTES = 28 * 1024  # threadgroup memory budget (Metal allows 32 KB)
@@ -40,11 +40,16 @@ SOURCE_DIR = _find_sources()
 # name -> (body file, input names, output names)
 KERNELS = {
     "route_score": ("route_score.inc", ["q", "kidx", "prm"], ["scores", "hist"]),
-    "route_hist": ("route_hist.inc", ["scores", "prm", "st"], ["hist"]),
+    "route_hist0": ("route_hist0.inc", ["scores", "prm"], ["hist"]),
+    "route_hist": (
+        "route_hist.inc",
+        ["scores", "prm", "hist_in", "st_in", "above_in"],
+        ["hist", "st", "above"],
+    ),
     "route_select": (
         "route_select.inc",
         ["hist", "prm", "st_in", "above_in"],
-        ["st", "above", "ties"],
+        ["st", "abase", "tbase"],
     ),
     "route_write": (
         "route_write.inc",
@@ -109,8 +114,10 @@ def _chunking(T: int):
 
 def route(q_idx, k_idx, k: int, offset: int, be: str):
     """Exact causal top-k (same contract as `sparse.route_ref`) by a 4-level radix
-    select split over many threadgroups: score+histogram, then per level a select
-    pass and a histogram pass, then an ordered write pass."""
+    select (8-bit digits of an order-preserving key of the fp32 score) split over many
+    threadgroups, in 6 launches: score + top-digit histogram; three passes that each
+    pick one digit and histogram the next; a final select that also scans the
+    per-chunk counts; an ordered write."""
     B, L, D = q_idx.shape
     T = k_idx.shape[1]
     R = B * L
@@ -133,42 +140,40 @@ def route(q_idx, k_idx, k: int, offset: int, be: str):
         from .sparse import index_scores
 
         scores = mx.contiguous(index_scores(q_idx, k_idx).reshape(R, T))
-        hist = _hist(be, scores, prm, prm, 0, R, C)
-    st, above = prm, prm
-    for level in range(4):
-        last = level == 3
-        st, above, ties = _kernel(be, "route_select")(
-            inputs=[hist, prm, st, above],
-            template=[("LEVEL", level), ("LAST", last)],
-            grid=(256 * R, 1, 1),
-            threadgroup=(256, 1, 1),
-            output_shapes=[(R, 4), (R, C), (R, C) if last else (1,)],
-            output_dtypes=[mx.uint32, mx.uint32, mx.uint32],
+        (hist,) = _kernel(be, "route_hist0")(
+            inputs=[scores, prm],
+            template=[("TG", _TG)],
+            grid=grid,
+            threadgroup=tg,
+            output_shapes=[(R, C, 256)],
+            output_dtypes=[mx.uint32],
         )
-        if not last:
-            hist = _hist(be, scores, prm, st, level + 1, R, C)
+    st, above = prm, prm  # unread at level 1
+    for level in (1, 2, 3):
+        hist, st, above = _kernel(be, "route_hist")(
+            inputs=[scores, prm, hist, st, above],
+            template=[("LEVEL", level), ("TG", _TG)],
+            grid=grid,
+            threadgroup=tg,
+            output_shapes=[(R, C, 256), (R, 4), (R, C)],
+            output_dtypes=[mx.uint32] * 3,
+        )
+    st, abase, tbase = _kernel(be, "route_select")(
+        inputs=[hist, prm, st, above],
+        grid=(1024 * R, 1, 1),
+        threadgroup=(1024, 1, 1),
+        output_shapes=[(R, 4), (R, C), (R, C)],
+        output_dtypes=[mx.uint32] * 3,
+    )
     (idx,) = _kernel(be, "route_write")(
-        inputs=[scores, prm, st, above, ties],
+        inputs=[scores, prm, st, abase, tbase],
         template=[("TG", _TG)],
         grid=grid,
         threadgroup=tg,
         output_shapes=[(R, k)],
         output_dtypes=[mx.int32],
-        init_value=-1,
     )
     return idx.reshape(B, L, k)
-
-
-def _hist(be, scores, prm, st, level, R, C):
-    (hist,) = _kernel(be, "route_hist")(
-        inputs=[scores, prm, st],
-        template=[("LEVEL", level), ("TG", _TG)],
-        grid=(R * C * _TG, 1, 1),
-        threadgroup=(_TG, 1, 1),
-        output_shapes=[(R, C, 256)],
-        output_dtypes=[mx.uint32],
-    )
-    return hist
 
 
 def gather_kv(idx, keys, values, be: str):

@@ -75,25 +75,25 @@ def _instances():
                 [("QT", qt), ("KT", qt), ("D", 128), ("TG", 256)],
             )
         )
-    for level in range(4):
-        st = ("int32", prm8) if level == 0 else ("uint32", 64)
+    out.append(("route_hist0", [("float32", big), ("int32", prm8)], ["uint32"], [("TG", 256)]))
+    for level in (1, 2, 3):
+        prev = [("int32", prm8)] * 2 if level == 1 else [("uint32", 64)] * 2
         out.append(
             (
                 "route_hist",
-                [("float32", big), ("int32", prm8), st],
-                ["uint32"],
+                [("float32", big), ("int32", prm8), ("uint32", big)] + prev,
+                ["uint32"] * 3,
                 [("LEVEL", level), ("TG", 256)],
             )
         )
-        prev = [("int32", prm8)] * 2 if level == 0 else [("uint32", 64)] * 2
-        out.append(
-            (
-                "route_select",
-                [("uint32", big), ("int32", prm8)] + prev,
-                ["uint32"] * 3,
-                [("LEVEL", level), ("LAST", level == 3)],
-            )
+    out.append(
+        (
+            "route_select",
+            [("uint32", big), ("int32", prm8), ("uint32", 64), ("uint32", 64)],
+            ["uint32"] * 3,
+            [],
         )
+    )
     out.append(
         (
             "route_write",
