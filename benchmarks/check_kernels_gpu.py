@@ -139,6 +139,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="small shapes only (CPU dry run)")
+    ap.add_argument("--only", default="route,select_kv,sparse_attention", help="checks to run")
     args = ap.parse_args()
     be = kernels.backend()
     Ts = [1, 7, 64, 65, 255, 256, 257, 2047, 2048, 2049, 5003, 65537, 131072, 1_000_003, 1 << 20]
@@ -168,7 +169,8 @@ def main():
         if not ok:
             print("FAIL", kind, params, extra, flush=True)
 
-    for T in Ts:
+    only = args.only.split(",")
+    for T in Ts if "route" in only else []:
         for k in (64, 2048):
             for dtype in DT:
                 for data in ("int", "normal"):
@@ -186,7 +188,7 @@ def main():
                         p = dict(T=T, k=k, dtype=dtype, data=data, **c)
                         ok, exact = safe(check_route, be, c["B"], c["L"], T, c["D"], k, c["offset"], dtype, data, seed, strided=c["B"] > 1)
                         record("route", p, ok, dict(exact=exact))
-    for T in [t for t in Ts if t > 64]:
+    for T in [t for t in Ts if t > 64] if "select_kv" in only else []:
         for k in (64, 2048):
             if T <= k:
                 continue
@@ -196,7 +198,8 @@ def main():
                     p = dict(T=T, k=k, dtype=dtype, Hkv=Hkv, hd=hd, B=2 if T < 200_000 else 1)
                     ok, exact = safe(check_select_kv, be, p["B"], Hkv, T, hd, 128, k, dtype, "int", seed)
                     record("select_kv", p, ok, dict(idx_exact=exact))
-    for T in [t for t in Ts if 1 <= t <= 131072] + ([1 << 20] if not args.quick else []):
+    att_Ts = [t for t in Ts if 1 <= t <= 131072] + ([1 << 20] if not args.quick else [])
+    for T in att_Ts if "sparse_attention" in only else []:
         for k in (64, 2048):
             for dtype in DT:
                 for G in (1, 5):

@@ -19,6 +19,7 @@ import mlx.core as mx
 
 # Radix select: 8-bit digits, 4 levels over the 32-bit order-preserving score key.
 _TG = 256  # threads per group of the routing passes (one per histogram bin)
+_TG_SCORE = 512  # threads per group of the scoring pass (more loads in flight)
 _MAX_CHUNKS = 256  # chunks per row (the select pass scans them in one group)
 _FUSED_MAX_L = 4  # up to this many query rows score inside the kernel; more use a matmul
 _SHARED_BYTES = 28 * 1024  # threadgroup memory budget (Metal allows 32 KB)
@@ -129,9 +130,9 @@ def route(q_idx, k_idx, k: int, offset: int, be: str):
         q = mx.contiguous(q_idx).reshape(R, D)
         scores, hist = _kernel(be, "route_score")(
             inputs=[q, k_idx, prm],
-            template=[("QT", q.dtype), ("KT", k_idx.dtype), ("D", D), ("TG", _TG)],
-            grid=grid,
-            threadgroup=tg,
+            template=[("QT", q.dtype), ("KT", k_idx.dtype), ("D", D), ("TG", _TG_SCORE)],
+            grid=(R * C * _TG_SCORE, 1, 1),
+            threadgroup=(_TG_SCORE, 1, 1),
             output_shapes=[(R, T), (R, C, 256)],
             output_dtypes=[mx.float32, mx.uint32],
         )

@@ -72,7 +72,7 @@ def _instances():
                 "route_score",
                 [(qt, big), (qt, big), ("int32", prm8)],
                 ["float32", "uint32"],
-                [("QT", qt), ("KT", qt), ("D", 128), ("TG", 256)],
+                [("QT", qt), ("KT", qt), ("D", 128), ("TG", kernels._TG_SCORE)],
             )
         )
     out.append(("route_hist0", [("float32", big), ("int32", prm8)], ["uint32"], [("TG", 256)]))
