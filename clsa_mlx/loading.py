@@ -14,6 +14,14 @@ from .config import ModelArgs
 from .model import Model
 
 MODEL_TYPES = ("clsa", "yoco")
+SHIPPED = Path(__file__).parent / "shipped"
+
+
+def shipped_model() -> Path:
+    """The small CLSA model that ships inside the package (the chat default)."""
+    if not (SHIPPED / "config.json").is_file():
+        raise FileNotFoundError(f"{SHIPPED}: no model is shipped in this install; pass --model")
+    return SHIPPED
 
 
 def register_with_mlx_lm():

@@ -7,6 +7,7 @@ is learnable and measurable at any length.
 """
 
 import ast
+import math
 import pathlib
 import random
 import re
@@ -104,6 +105,7 @@ def make_task(rng: random.Random, kind: str):
 
 
 KINDS = ("kv", "multikey", "passkey", "twohop")
+W_ANSWER, W_TEXT, W_CONTEXT = 1.0, 0.2, 0.05  # per-token loss weights: answers dominate the signal
 HELD_OUT = 0.03  # the last 3% of the corpus tokens: never trained on, used for perplexity
 
 
@@ -138,28 +140,29 @@ class Sampler:
         for n in needle_ids:
             at = self.rng.randint(0, len(body))
             body[at:at] = n
-        ids, w, answers = [self.bos, self.user] + body, [0.1] * (2 + len(body)), []
+        ids, w, answers = [self.bos, self.user] + body, [W_CONTEXT] * (2 + len(body)), []
         for i, (q, a) in enumerate(turns):
             head = ([] if i == 0 else [self.user]) + q + [self.end, self.assistant]
             ids += head
-            w += [0.1] * len(head)
+            w += [W_CONTEXT] * len(head)
             answers.append((len(ids), a))
             ids += a + [self.end]
-            w += [1.0] * (len(a) + 1)
+            w += [W_ANSWER] * (len(a) + 1)
         return ids, w, answers
 
-    def sequence(self, length, text_share=0.3):
-        """Packs samples (corpus text or chat tasks) into exactly `length` tokens."""
+    def sequence(self, length, text_share=0.15):
+        """Packs samples (corpus text or chat tasks, log-uniform lengths so that short, dense
+        retrieval lessons are common) into exactly `length` tokens."""
         ids, w = [], []
         while len(ids) < length:
             room = length - len(ids)
-            n = min(room, self.rng.randint(128, max(128, length)))
-            if self.rng.random() < text_share or n < 160:
+            n = min(room, int(math.exp(self.rng.uniform(math.log(96), math.log(max(97, length))))))
+            if self.rng.random() < text_share or n < 96:
                 part = [self.bos] + self.filler(n - 1)
                 ids += part
-                w += [1.0] * len(part)
+                w += [W_TEXT] * len(part)
             else:
                 part, pw, _ = self.chat_task(n)
                 ids += part + [self.eos]
-                w += pw + [1.0]
+                w += pw + [W_CONTEXT]
         return np.array(ids[:length], dtype=np.int32), np.array(w[:length], dtype=np.float32)

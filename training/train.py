@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from torch_ref.model import Model, ModelArgs, indexer_kd_loss, load_official, save_official  # noqa: E402
-from training.data import Sampler  # noqa: E402
+from training.data import W_ANSWER, Sampler  # noqa: E402
 
 SHIPPED = dict(
     model_type="clsa", dim=256, n_layers=8, hidden_dim=768, n_self_heads=4, n_self_kv_heads=2,
@@ -86,7 +86,7 @@ def train(args):
         model, margs = load_official(args.init, device="cpu")
         model = model.float()
     else:
-        margs = ModelArgs(**SHIPPED)
+        margs = ModelArgs(**{**SHIPPED, **json.loads(args.override)})
         model = Model(margs)
     model.to(dev).train()
     params = [p for n, p in model.named_parameters() if not cfg["only_indexer"] or ".indexer." in n]
@@ -133,7 +133,7 @@ def train(args):
         opt.step()
         if step % args.log_every == 0:
             with torch.no_grad():
-                answer = w == 1.0
+                answer = w == W_ANSWER
                 acc = ((logits.argmax(-1) == y) & answer).sum() / answer.sum().clamp(min=1)
             row = dict(step=step, seconds=round(time.time() - t0, 1), loss=round(loss.item(), 4),
                        answer_token_acc=round(acc.item(), 4), lr=opt.param_groups[0]["lr"])
@@ -174,6 +174,7 @@ def main():
     p.add_argument("--workers", type=int, default=6)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--override", default="{}", help="JSON of config changes for experiments")
     p.add_argument("--eval-lengths", type=int, nargs="*", default=[], help="retrieval check after training")
     p.add_argument("--eval-samples", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

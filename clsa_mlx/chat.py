@@ -1,0 +1,165 @@
+"""`python chat.py`: interactive long-context chat, or one-shot answers for scripts."""
+
+import signal
+import sys
+import time
+
+import click
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+from .conversation import PREFILL_STEP, ChatError, Conversation, model_identity
+from .loading import load, resolve, shipped_model
+
+HELP = """commands:
+  /file PATH     add a document (prefilled now; ask about it in the next question)
+  /system TEXT   set the system prompt (starts a new conversation)
+  /reset         forget the conversation
+  /save FILE     save the session (prompt cache + conversation) to FILE.safetensors
+  /load FILE     resume a saved session of this model
+  /stats         context, cache and memory figures
+  /help          this text
+  /quit          leave (also Ctrl-D; Ctrl-C stops a reply)"""
+
+
+class Progress:
+    """Prefill progress on stderr for long inputs: tokens done / total, tok/s, time left."""
+
+    def __init__(self, min_tokens: int = 2 * PREFILL_STEP):
+        self.min_tokens, self.t0 = min_tokens, None
+
+    def __call__(self, done: int, total: int):
+        if total < self.min_tokens:
+            return
+        if self.t0 is None or done == 0:
+            self.t0 = time.perf_counter()
+            return
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        end = "\n" if done >= total else ""
+        print(f"\r[prefill] {done:,}/{total:,} tokens, {rate:,.0f} tok/s, {(total - done) / rate:.0f}s left",
+              end=end, file=sys.stderr, flush=True)
+
+
+class StopFlag:
+    """Ctrl-C while a reply streams sets the flag instead of raising, so the reply ends cleanly."""
+
+    def __enter__(self):
+        self.stopped = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        self.stopped = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __call__(self):
+        return self.stopped
+
+
+def reply(conv: Conversation, question: str, out=sys.stdout, **gen):
+    with StopFlag() as stop:
+        for piece in conv.ask(question, progress=Progress(), stop=stop, **gen):
+            print(piece, end="", file=out, flush=True)
+    print(file=out)
+    return stop.stopped
+
+
+def command(conv: Conversation, line: str) -> bool:
+    """Runs one /command; returns False to leave."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit", "/q"):
+        return False
+    if name == "/help":
+        print(HELP)
+    elif name == "/reset":
+        conv.reset()
+        print("[conversation cleared]")
+    elif name == "/system":
+        conv.reset(arg)
+        print(f"[system prompt set; new conversation]")
+    elif name == "/stats":
+        print(f"[{conv.stats()}]")
+    elif name in ("/file", "/save", "/load") and not arg:
+        raise ChatError(f"{name} needs a path")
+    elif name == "/file":
+        n = conv.add_document(arg, progress=Progress())
+        print(f"[{arg}: {n} tokens added; context {conv.used}/{conv.limit}]")
+    elif name == "/save":
+        print(f"[saved {conv.save(arg)}: {conv.used} tokens]")
+    elif name == "/load":
+        conv.load(arg)
+        print(f"[loaded {arg}: {conv.used} tokens, {len(conv.messages) // 2} turns]")
+    else:
+        raise ChatError(f"unknown command {name}; /help lists them")
+    return True
+
+
+def repl(conv: Conversation, gen: dict):
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    print(f"[clsa-mlx chat: context limit {conv.limit} tokens; /help for commands, Ctrl-D to quit]")
+    while True:
+        try:
+            line = input(">> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/"):
+                if not command(conv, line):
+                    return
+                continue
+            if reply(conv, line, **gen):
+                print("[stopped]")
+            print(f"[{conv.stats()}]")
+        except ChatError as e:
+            print(f"[error] {e}")
+        except KeyboardInterrupt:
+            print("\n[interrupted]")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", help="Model folder or Hugging Face id (default: the model shipped with clsa-mlx).")
+@click.option("--system", help="System prompt.")
+@click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Document to put into the context before the first question (repeatable).")
+@click.option("--prompt", help="Ask one question, print only the answer, exit. Without it, piped stdin is the question.")
+@click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--seed", type=int, help="Random seed for sampling.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Per reply.")
+@click.option("--max-context", type=click.IntRange(min=16), help="Context limit in tokens (default: model and memory).")
+@click.option("--drop-oldest", is_flag=True, help="On overflow, drop the oldest turns instead of refusing.")
+def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_tokens, max_context, drop_oldest):
+    """Chat with a CLSA / YOCO model about long documents."""
+    if seed is not None:
+        mx.random.seed(seed)
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    try:
+        path = resolve(model) if model else shipped_model()
+        m, tokenizer = load(path)
+        conv = Conversation(m, tokenizer, model_identity(path), system, max_context, drop_oldest)
+        for f in files:
+            conv.add_document(f, progress=Progress())
+    except (ChatError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    gen = dict(max_tokens=max_tokens, sampler=make_sampler(temp, top_p, min_p, top_k=top_k))
+    if prompt is not None:
+        if not prompt.strip():
+            sys.exit("error: empty prompt")
+        try:
+            reply(conv, prompt.strip(), **gen)
+        except ChatError as e:
+            sys.exit(f"error: {e}")
+        return
+    repl(conv, gen)

@@ -1,0 +1,195 @@
+"""A conversation that keeps its prompt cache across turns: a new turn prefills only its new
+tokens, documents are prefilled as soon as they are added, sessions save and resume."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache, trim_prompt_cache
+
+from .generate import context_used, stream_generate
+
+PREFILL_STEP = 2048
+SENTINEL = "\x00QUESTION\x00"
+class ChatError(Exception):
+    """A problem the user can fix; printed as one line, the session continues."""
+
+
+def model_identity(folder: Path) -> str:
+    """Cheap fingerprint of a model folder: config and the head and tail of each weight file."""
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("model*.safetensors")):
+        with open(f, "rb") as fh:
+            h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(1 << 20))
+            fh.seek(max(0, f.stat().st_size - (1 << 20)))
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def memory_bytes() -> int:
+    if mx.metal.is_available():
+        return int(mx.metal.device_info()["max_recommended_working_set_size"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def context_limit(model, requested: Optional[int] = None) -> int:
+    """The model's max_seq_len, capped so the K/V and index caches fit in half the memory."""
+    a = model.args
+    per_token = (2 * a.n_attn_kv_heads * a.head_dim + (a.index_head_dim if a.sparse else 0)) * 2
+    limits = [memory_bytes() // 2 // per_token, requested or 10**9]
+    if a.max_seq_len > 0:
+        limits.append(a.max_seq_len)
+    return int(min(limits))
+
+
+def read_document(path: str) -> str:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ChatError(f"{path}: no such file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ChatError(f"{path}: not UTF-8 text") from None
+
+
+class Conversation:
+    def __init__(self, model, tokenizer, model_id: str, system: Optional[str] = None,
+                 max_context: Optional[int] = None, drop_oldest: bool = False):
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.limit, self.drop_oldest = context_limit(model, max_context), drop_oldest
+        self.last = None
+        self.reset(system)
+
+    def reset(self, system: Optional[str] = None):
+        self.system = system if system is not None else getattr(self, "system", None)
+        self.messages, self.documents = [], []
+        self.cache, self.text_in_cache = self.model.make_cache(), ""
+
+    @property
+    def used(self) -> int:
+        return context_used(self.model, self.cache)
+
+    def _render(self, user_content: str) -> str:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return self.tokenizer.apply_chat_template(
+            head + self.messages + [{"role": "user", "content": user_content}],
+            tokenize=False, add_generation_prompt=True)
+
+    def _content(self, question: str) -> str:
+        return "\n\n".join(self.documents + [f"Question: {question}" if self.documents else question])
+
+    def _new_tokens(self, text: str) -> list:
+        """Tokens of `text` past what the cache holds; rebuilds the cache if the text diverged."""
+        if not text.startswith(self.text_in_cache):
+            self.cache, self.text_in_cache = self.model.make_cache(), ""
+        return self.tokenizer.encode(text[len(self.text_in_cache):], add_special_tokens=False)
+
+    def _fit(self, text: str, reserve: int) -> list:
+        ids = self._new_tokens(text)
+        while self.used + len(ids) + reserve > self.limit:
+            if not (self.drop_oldest and len(self.messages) >= 2):
+                raise ChatError(f"context overflow: {self.used + len(ids)} tokens + {reserve} for the reply "
+                                f"> limit {self.limit}; /reset, or start with --drop-oldest")
+            self.messages = self.messages[2:]
+            self.cache, self.text_in_cache = self.model.make_cache(), ""
+            text = self._render(self._content(self.pending_question))
+            ids = self._new_tokens(text)
+        return ids
+
+    def _prefill(self, ids: list, progress=None):
+        for start in range(0, len(ids), PREFILL_STEP):
+            self.model(mx.array(ids[start:start + PREFILL_STEP])[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+            if progress:
+                progress(min(start + PREFILL_STEP, len(ids)), len(ids))
+
+    def add_document(self, path: str, progress=None):
+        text = read_document(path)
+        self.documents.append(f"File {Path(path).name}:\n{text}")
+        full = self._render("\n\n".join(self.documents) + SENTINEL)
+        prefix = full[:full.index(SENTINEL)]
+        self.pending_question = ""
+        try:
+            ids = self._fit(prefix, reserve=0)
+        except ChatError:
+            self.documents.pop()
+            raise
+        self._prefill(ids, progress)
+        self.text_in_cache = prefix
+        return len(ids)
+
+    def ask(self, question: str, max_tokens: int = 512, progress=None, stop=None, **sampling):
+        """Streams the reply's text pieces; `stop()` returning True ends it after the current token."""
+        self.pending_question = question
+        full = self._render(self._content(question))
+        ids = self._fit(full, reserve=min(max_tokens, 256))
+        before = self.used
+        generated = []
+        try:
+            for r in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
+                                     prompt_cache=self.cache, prompt_progress_callback=progress, **sampling):
+                self.last = r
+                generated.append(r.token)
+                if r.finish_reason != "stop":
+                    yield r.text
+                if stop and stop():
+                    break
+        except BaseException:
+            # stopped inside the prefill: give back what the cache took of this turn
+            if self.used > before and not trim_prompt_cache(self.cache, self.used - before):
+                self.cache, self.text_in_cache = self.model.make_cache(), ""
+            raise
+        eos = self.tokenizer.eos_token_ids
+        reply = [t for t in generated if t not in eos]
+        self.messages += [{"role": "user", "content": self._content(question)},
+                          {"role": "assistant", "content": self.tokenizer.decode(reply)}]
+        self.documents = []
+        self.text_in_cache = full + self.tokenizer.decode(generated)
+
+    def stats(self) -> str:
+        kv = sum(c.nbytes for c in self.cache) / 1e6
+        line = f"context {self.used}/{self.limit} tokens | KV cache {kv:.1f} MB | peak memory {mx.get_peak_memory() / 1e9:.2f} GB"
+        r = self.last
+        if r is None:
+            return line
+        return (f"prompt {r.prompt_tokens} tok, {r.prompt_tps:.0f} tok/s | generated {r.generation_tokens} tok, "
+                f"{r.generation_tps:.1f} tok/s | " + line)
+
+    def save(self, path: str) -> str:
+        path = path if path.endswith(".safetensors") else path + ".safetensors"
+        meta = dict(clsa_mlx_session="1", model_id=self.model_id, system=self.system or "",
+                    messages=json.dumps(self.messages), documents=json.dumps(self.documents),
+                    text_in_cache=self.text_in_cache, tokens=str(self.used))
+        tmp = f"{path}.partial-{os.getpid()}.safetensors"
+        try:
+            save_prompt_cache(tmp, self.cache, meta)
+            os.replace(tmp, path)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise ChatError(f"{path}: cannot write ({e.strerror})") from None
+        return path
+
+    def load(self, path: str):
+        path = path if path.endswith(".safetensors") or Path(path).exists() else path + ".safetensors"
+        if not Path(path).is_file():
+            raise ChatError(f"{path}: no such session file")
+        try:
+            cache, meta = load_prompt_cache(path, return_metadata=True)
+            if meta.get("clsa_mlx_session") != "1":
+                raise ValueError("not a clsa-mlx session")
+            if meta.get("model_id") != self.model_id:
+                raise ChatError(f"{path}: saved with another model ({meta.get('model_id')}), "
+                                f"this is {self.model_id}; session unchanged")
+            messages, documents = json.loads(meta["messages"]), json.loads(meta["documents"])
+            if len(cache) != len(self.model.make_cache()) or context_used(self.model, cache) != int(meta["tokens"]):
+                raise ValueError("cache does not match the model")
+        except ChatError:
+            raise
+        except Exception as e:
+            raise ChatError(f"{path}: corrupted or not a session file ({type(e).__name__}); session unchanged") from None
+        self.cache, self.messages, self.documents = cache, messages, documents
+        self.system, self.text_in_cache = meta["system"] or None, meta["text_in_cache"]
+        self.last = None
