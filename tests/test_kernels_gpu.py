@@ -1,0 +1,50 @@
+"""Kernels vs references on a GPU (Metal on a Mac, CUDA through MLX's CUDA backend).
+Skips where no kernel backend is available; the full sweep is
+benchmarks/check_kernels_gpu.py."""
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from clsa_mlx import kernels, sparse
+
+pytestmark = pytest.mark.skipif(kernels.backend() is None, reason="no GPU kernel backend")
+
+
+def ints(shape, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return mx.array(rng.integers(-3, 4, size=shape).astype(np.float32)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("B,L,T,k", [(1, 1, 5, 8), (1, 1, 8, 8), (2, 1, 3001, 64), (1, 3, 70001, 2048), (2, 9, 300, 16)])
+def test_route_kernel_exact(dtype, B, L, T, k):
+    q, kk = ints((B, L, 64), dtype, 1), ints((B, T + 3, 64), dtype, 2)[:, :T]
+    got = sparse.route(q, kk, k, T - L)
+    np.testing.assert_array_equal(np.array(got), np.array(sparse.route_ref(q, kk, k, T - L)))
+
+
+def test_select_kv_kernel():
+    B, H, T, hd, k = 2, 4, 5000, 64, 256
+    q, kk = ints((B, 1, 128), mx.bfloat16, 3), ints((B, T, 128), mx.bfloat16, 4)
+    keys = mx.random.normal((B, H, T + 5, hd)).astype(mx.bfloat16)[:, :, :T]
+    values = mx.random.normal((B, H, T + 5, hd)).astype(mx.bfloat16)[:, :, :T]
+    ks, vs = sparse.select_kv(q, kk, keys, values, k)
+    rk, rv = sparse.select_kv_ref(q, kk, keys, values, k)
+    assert mx.array_equal(ks, rk) and mx.array_equal(vs, rv)
+
+
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-4), (mx.float16, 4e-3), (mx.bfloat16, 3e-2)])
+@pytest.mark.parametrize("G", [1, 5])
+def test_sparse_attention_kernel(dtype, tol, G):
+    B, H, L, T, hd, k = 2, 2, 7, 3000, 128, 256
+    q = mx.random.normal((B, H * G, L, hd)).astype(dtype)
+    keys = mx.random.normal((B, H, T, hd)).astype(dtype)
+    values = mx.random.normal((B, H, T, hd)).astype(dtype)
+    idx = sparse.route_ref(mx.random.normal((B, L, 16)), mx.random.normal((B, T, 16)), k, T - L)
+    got = sparse.sparse_attention(q, keys, values, idx, hd**-0.5).astype(mx.float32)
+    ref = sparse.sparse_attention_ref(
+        q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32), idx, hd**-0.5
+    )
+    assert float(mx.abs(got - ref).max()) <= tol * 4
