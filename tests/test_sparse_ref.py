@@ -169,3 +169,21 @@ def test_chunking_bounds():
 def test_kernel_sources_found():
     for f in ["common.h", "dialect_metal.h", "dialect_cuda.h"] + [v[0] for v in kernels.KERNELS.values()]:
         assert (kernels.SOURCE_DIR / f).is_file(), f
+
+
+def test_route_splits_many_rows(monkeypatch):
+    # Many-row calls are cut into pieces along L with shifted offsets; the pieces
+    # together must equal one call (checked with the reference standing in for the
+    # kernel passes).
+    monkeypatch.setattr(kernels, "_MAX_SCORE_BYTES", 40 * 4 * 5)  # 5 rows of T=40 per piece
+    q = int_inputs((2, 23, 8), mx.float32, seed=9)
+    kk = int_inputs((2, 40, 8), mx.float32, seed=10)
+    calls = []
+
+    def rows(q_, k_, kk_, off, be):
+        calls.append(q_.shape[1])
+        return sparse.route_ref(q_, k_, kk_, off)
+
+    got = kernels.route(q, kk, 6, 17, "cuda", _rows=rows)
+    assert max(calls) <= 5 and sum(calls) == 23
+    np.testing.assert_array_equal(np.array(got), np.array(sparse.route_ref(q, kk, 6, 17)))
