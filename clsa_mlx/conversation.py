@@ -66,7 +66,11 @@ class Conversation:
     def reset(self, system: Optional[str] = None):
         self.system = system if system is not None else getattr(self, "system", None)
         self.messages, self.documents = [], []
-        self.cache, self.text_in_cache = self.model.make_cache(), ""
+        self._clear_cache()
+
+    def _clear_cache(self):
+        # ids: the tokens the cache holds; text_in_cache: the rendered text they stand for
+        self.cache, self.text_in_cache, self.ids = self.model.make_cache(), "", []
 
     @property
     def used(self) -> int:
@@ -84,7 +88,7 @@ class Conversation:
     def _new_tokens(self, text: str) -> list:
         """Tokens of `text` past what the cache holds; rebuilds the cache if the text diverged."""
         if not text.startswith(self.text_in_cache):
-            self.cache, self.text_in_cache = self.model.make_cache(), ""
+            self._clear_cache()
         return self.tokenizer.encode(text[len(self.text_in_cache):], add_special_tokens=False)
 
     def _fit(self, text: str, reserve: int) -> list:
@@ -94,7 +98,7 @@ class Conversation:
                 raise ChatError(f"context overflow: {self.used + len(ids)} tokens + {reserve} for the reply "
                                 f"> limit {self.limit}; /reset, or start with --drop-oldest")
             self.messages = self.messages[2:]
-            self.cache, self.text_in_cache = self.model.make_cache(), ""
+            self._clear_cache()
             text = self._render(self._content(self.pending_question))
             ids = self._new_tokens(text)
         return ids
@@ -118,7 +122,7 @@ class Conversation:
             self.documents.pop()
             raise
         self._prefill(ids, progress)
-        self.text_in_cache = prefix
+        self.text_in_cache, self.ids = prefix, self.ids + ids
         return len(ids)
 
     def ask(self, question: str, max_tokens: int = 512, progress=None, stop=None, **sampling):
@@ -140,7 +144,7 @@ class Conversation:
         except BaseException:
             # stopped inside the prefill: give back what the cache took of this turn
             if self.used > before and not trim_prompt_cache(self.cache, self.used - before):
-                self.cache, self.text_in_cache = self.model.make_cache(), ""
+                self._clear_cache()
             raise
         eos = self.tokenizer.eos_token_ids
         reply = [t for t in generated if t not in eos]
@@ -148,6 +152,7 @@ class Conversation:
                           {"role": "assistant", "content": self.tokenizer.decode(reply)}]
         self.documents = []
         self.text_in_cache = full + self.tokenizer.decode(generated)
+        self.ids += ids + generated
 
     def stats(self) -> str:
         kv = sum(c.nbytes for c in self.cache) / 1e6
@@ -162,7 +167,7 @@ class Conversation:
         path = path if path.endswith(".safetensors") else path + ".safetensors"
         meta = dict(clsa_mlx_session="1", model_id=self.model_id, system=self.system or "",
                     messages=json.dumps(self.messages), documents=json.dumps(self.documents),
-                    text_in_cache=self.text_in_cache, tokens=str(self.used))
+                    text_in_cache=self.text_in_cache, ids=json.dumps(self.ids))
         tmp = f"{path}.partial-{os.getpid()}.safetensors"
         try:
             save_prompt_cache(tmp, self.cache, meta)
@@ -183,13 +188,13 @@ class Conversation:
             if meta.get("model_id") != self.model_id:
                 raise ChatError(f"{path}: saved with another model ({meta.get('model_id')}), "
                                 f"this is {self.model_id}; session unchanged")
-            messages, documents = json.loads(meta["messages"]), json.loads(meta["documents"])
-            if len(cache) != len(self.model.make_cache()) or context_used(self.model, cache) != int(meta["tokens"]):
+            messages, documents, ids = (json.loads(meta[k]) for k in ("messages", "documents", "ids"))
+            if len(cache) != len(self.model.make_cache()) or context_used(self.model, cache) != len(ids):
                 raise ValueError("cache does not match the model")
         except ChatError:
             raise
         except Exception as e:
             raise ChatError(f"{path}: corrupted or not a session file ({type(e).__name__}); session unchanged") from None
         self.cache, self.messages, self.documents = cache, messages, documents
-        self.system, self.text_in_cache = meta["system"] or None, meta["text_in_cache"]
+        self.system, self.text_in_cache, self.ids = meta["system"] or None, meta["text_in_cache"], ids
         self.last = None

@@ -1,0 +1,187 @@
+"""chat.py driven for real: in a pseudo-terminal (pexpect), one-shot, and the Conversation API."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from clsa_mlx import load
+from clsa_mlx.conversation import ChatError, Conversation, model_identity
+from clsa_mlx.tiny import make_tiny_folder
+
+pexpect = pytest.importorskip("pexpect")
+ROOT = Path(__file__).resolve().parents[1]
+STATS = r"\[prompt \d+ tok"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_folder(tmp_path_factory.mktemp("chat") / "tiny", index_topk=8, sliding_window=8)
+
+
+@pytest.fixture(scope="module")
+def doc(tmp_path_factory):
+    p = tmp_path_factory.mktemp("docs") / "notes.txt"
+    p.write_text("The value of key bada-ko is 12345.\n" * 20)
+    return p
+
+
+def spawn(folder, *args):
+    c = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--model", str(folder), "--max-tokens", "12", *args],
+                      encoding="utf-8", codec_errors="replace", timeout=90, cwd=str(ROOT))
+    c.expect(">> ")
+    return c
+
+
+def ask(c, text):
+    """Sends a question; returns what was streamed before the stats line."""
+    c.sendline(text)
+    c.expect(STATS)
+    answer = c.before.split(text, 1)[1]
+    c.expect(">> ")
+    return answer
+
+
+def run(folder, *args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", str(folder), *args],
+                          input=stdin, capture_output=True, text=True, errors="replace", cwd=str(ROOT), timeout=120)
+
+
+def conversation(folder):
+    model, tokenizer = load(folder)
+    return Conversation(model, tokenizer, model_identity(folder))
+
+
+def test_streamed_answer_file_and_commands(folder, doc, tmp_path):
+    c = spawn(folder)
+    assert ask(c, "hello").strip()
+    c.sendline(f"/file {doc}")
+    c.expect(r"notes.txt: (\d+) tokens added")
+    assert int(c.match.group(1)) > 500
+    c.expect(">> ")
+    assert ask(c, "What is the value of key bada-ko?").strip()
+    for line, message in [("/nope", "unknown command /nope"), ("/file missing.txt", "missing.txt: no such file"),
+                          ("/load", "/load needs a path"), (f"/load {doc}", "corrupted or not a session file")]:
+        c.sendline(line)
+        c.expect_exact(message)
+        c.expect(">> ")
+    assert ask(c, "still there?").strip()  # the chat goes on
+    c.sendline("/quit")
+    c.expect(pexpect.EOF)
+    c.wait()
+    assert c.exitstatus == 0
+
+
+def test_save_quit_load_continues_like_the_uninterrupted_session(folder, tmp_path):
+    c = spawn(folder)
+    ask(c, "first question")
+    straight = ask(c, "second question")
+    c.sendeof()
+    c.expect(pexpect.EOF)
+
+    c = spawn(folder)
+    ask(c, "first question")
+    c.sendline(f"/save {tmp_path / 's'}")
+    c.expect_exact("saved")
+    c.expect(">> ")
+    c.sendline("/quit")
+    c.expect(pexpect.EOF)
+
+    c = spawn(folder)
+    c.sendline(f"/load {tmp_path / 's'}")
+    c.expect(r"loaded .* 1 turns")
+    c.expect(">> ")
+    assert ask(c, "second question") == straight
+    c.sendline("/quit")
+    c.expect(pexpect.EOF)
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_session(folder):
+    c = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--model", str(folder), "--max-tokens", "100000"],
+                      encoding="utf-8", codec_errors="replace", timeout=90, cwd=str(ROOT))
+    c.expect(">> ")
+    c.sendline("talk for a long time")
+    c.expect(r"\S", timeout=60)  # the reply has started streaming
+    c.sendintr()
+    c.expect_exact("[stopped]")
+    c.expect(r"context (\d+)/")
+    used = int(c.match.group(1))
+    assert used < 100000
+    c.expect(">> ")
+    c.sendline("/stats")
+    c.expect(r"context (\d+)/")
+    assert int(c.match.group(1)) == used  # nothing lost, nothing half-written
+    c.sendintr()  # Ctrl-C at the prompt leaves cleanly
+    c.expect(pexpect.EOF)
+    c.wait()
+    assert c.exitstatus == 0
+
+
+def test_overflow_is_refused_and_the_chat_continues(folder):
+    c = spawn(folder, "--max-context", "120")
+    c.sendline("x" * 200)
+    c.expect_exact("context overflow")
+    c.expect(">> ")
+    assert ask(c, "short").strip()
+    c.sendline("/quit")
+    c.expect(pexpect.EOF)
+
+
+def test_drop_oldest_keeps_going(folder):
+    conv = conversation(folder)
+    conv.limit, conv.drop_oldest = 160, True
+    for i in range(6):
+        "".join(conv.ask(f"question number {i} " * 3, max_tokens=8))
+        assert conv.used <= conv.limit
+    assert len(conv.messages) < 12
+
+
+def test_one_shot_prompt_and_stdin(folder, doc):
+    a = run(folder, "--prompt", "hello", "--max-tokens", "6")
+    assert a.returncode == 0 and a.stdout.strip() and "[prompt" not in a.stdout
+    b = run(folder, "--max-tokens", "6", stdin="hello")
+    assert b.returncode == 0 and b.stdout == a.stdout
+    with_doc = run(folder, "--file", str(doc), "--prompt", "key?", "--max-tokens", "6")
+    assert with_doc.returncode == 0
+    assert run(folder, "--prompt", "  ").returncode == 1
+    missing = run(folder, "--prompt", "hi", "--file", "nope.txt")
+    assert missing.returncode == 2 and "nope.txt" in missing.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--model", "/nonexistent/model", "--prompt", "hi"],
+                         capture_output=True, text=True, cwd=str(ROOT))
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: /nonexistent/model: no such model folder"
+    assert run(folder, "--prompt", "hi", "--temp", "-1").returncode == 2
+    overflow = run(folder, "--prompt", "y" * 300, "--max-context", "100")
+    assert overflow.returncode == 1 and "context overflow" in overflow.stderr
+
+
+def test_the_cache_holds_exactly_the_rendered_conversation(folder, doc):
+    """Prompt reuse is exact: after turns and a document, the cache equals a fresh prefill."""
+    conv = conversation(folder)
+    "".join(conv.ask("one", max_tokens=5))
+    conv.add_document(str(doc))
+    "".join(conv.ask("two", max_tokens=5))
+    assert len(conv.ids) == conv.used and conv.text_in_cache.endswith(conv.tokenizer.decode(conv.ids[-3:]))
+    fresh = conv.model.make_cache()
+    probe = mx.array([[5]])
+    conv.model(mx.array(conv.ids)[None], cache=fresh)
+    assert mx.allclose(conv.model(probe, cache=fresh), conv.model(probe, cache=conv.cache), atol=1e-4)
+
+
+def test_load_refuses_another_model_and_keeps_the_session(folder, tmp_path):
+    conv = conversation(folder)
+    "".join(conv.ask("hello", max_tokens=4))
+    saved = conv.save(str(tmp_path / "mine"))
+    other = make_tiny_folder(tmp_path / "other", seed=1, index_topk=8, sliding_window=8)
+    conv2 = conversation(other)
+    "".join(conv2.ask("something else", max_tokens=4))
+    before = (conv2.used, list(conv2.messages))
+    with pytest.raises(ChatError, match="another model"):
+        conv2.load(saved)
+    Path(tmp_path / "broken.safetensors").write_bytes(Path(saved).read_bytes()[:100])
+    with pytest.raises(ChatError, match="corrupted"):
+        conv2.load(str(tmp_path / "broken.safetensors"))
+    assert (conv2.used, conv2.messages) == before
+    assert not [p for p in os.listdir(tmp_path) if "partial" in p]
