@@ -18,81 +18,15 @@ Writes bench_kernels.json and bench_kernels.png with machine, versions and date.
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
 
+from benchmarks.common import copy_bandwidth, machine, timed  # noqa: E402
 from clsa_mlx import kernels, sparse  # noqa: E402
-
-
-def timed(fn, iters):
-    """(mean ms per call over `iters` calls in one eval, median ms of single evals)."""
-    for _ in range(3):
-        mx.eval(fn())
-    t0 = time.perf_counter()
-    mx.eval([fn() for _ in range(iters)])
-    batched = (time.perf_counter() - t0) / iters * 1e3
-    singles = []
-    for _ in range(max(3, iters // 4)):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        singles.append((time.perf_counter() - t0) * 1e3)
-    singles.sort()
-    return batched, singles[len(singles) // 2]
-
-
-def copy_bandwidth(iters):
-    """Best of a few large copies (GB/s counting read + write): elementwise add in bf16
-    and fp32, and a strided-to-contiguous copy."""
-    res = {}
-    a = mx.random.normal((1 << 29,)).astype(mx.bfloat16)  # 1 GiB
-    b = mx.random.normal((1 << 28,))  # 1 GiB fp32
-    c = mx.random.normal((1 << 14, 1 << 15)).astype(mx.bfloat16)  # 1 GiB, copied transposed
-    mx.eval(a, b, c)
-    for name, fn, nbytes in (
-        ("add_bf16", lambda: a + 1, a.nbytes),
-        ("add_f32", lambda: b + 1, b.nbytes),
-        ("contiguous_of_slice", lambda: mx.contiguous(c[:, 1:]), c.nbytes),
-    ):
-        ms, _ = timed(fn, iters)
-        res[name] = 2 * nbytes / (ms * 1e-3) / 1e9
-    del a, b, c
-    return max(res.values()), res
-
-
-def machine():
-    info = dict(
-        platform=platform.platform(),
-        python=platform.python_version(),
-        mlx=mx.__version__,
-        device=str(mx.default_device()),
-        backend=kernels.backend() or "reference",
-        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    )
-    try:
-        import mlx_lm
-
-        info["mlx_lm"] = mlx_lm.__version__
-    except Exception:
-        pass
-    try:
-        info["gpu"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20,
-        ).stdout.strip()
-    except Exception:
-        pass
-    try:
-        info["device_info"] = {k: str(v) for k, v in mx.device_info().items()}
-    except Exception:
-        pass
-    return info
 
 
 def argpartition_route(q, kidx, k):

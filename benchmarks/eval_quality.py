@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 
-from benchmarks.bench_kernels import machine  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
 from clsa_mlx import Model, ModelArgs, load_model  # noqa: E402
 from training.data import Sampler, split  # noqa: E402
 
