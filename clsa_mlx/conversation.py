@@ -104,6 +104,7 @@ class Conversation:
         return ids
 
     def _prefill(self, ids: list, progress=None):
+        self.model.reserve(self.cache, len(ids))
         for start in range(0, len(ids), PREFILL_STEP):
             self.model(mx.array(ids[start:start + PREFILL_STEP])[None], cache=self.cache)
             mx.eval([c.state for c in self.cache])

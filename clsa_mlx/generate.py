@@ -7,6 +7,9 @@ from mlx_lm.generate import stream_generate as _mlx_lm_stream_generate
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 
+RESERVE_MAX = 4096  # cache room for generated tokens allocated up front (beyond it the cache grows)
+
+
 class ContextOverflowError(ValueError):
     pass
 
@@ -30,6 +33,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs):
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     tokens = encode(tokenizer, prompt)
+    if kwargs.get("prompt_cache") is None:
+        kwargs["prompt_cache"] = model.make_cache()
     limit = model.args.max_seq_len
     if limit > 0:
         used = context_used(model, kwargs.get("prompt_cache")) + len(tokens)
@@ -39,6 +44,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs):
             )
         room = limit - used
         max_tokens = room if max_tokens < 0 else min(max_tokens, room)
+    model.reserve(kwargs["prompt_cache"], len(tokens) + (max_tokens if 0 < max_tokens < RESERVE_MAX else RESERVE_MAX))
     yield from _mlx_lm_stream_generate(model, tokenizer, tokens, max_tokens, **kwargs)
 
 

@@ -277,6 +277,24 @@ class Model(nn.Module):
             caches.append(KVCache())
         return caches
 
+    def reserve(self, cache, n_tokens: int, batch_size: int = 1):
+        """Size the global K/V and index caches for `n_tokens` more tokens at once. mlx-lm's
+        KVCache grows by each chunk, which copies the whole cache per prefill chunk and holds
+        two copies at the peak; a long prompt should allocate once."""
+        a, n = self.args, len(self.self_decoder.layers)
+        dtype = self.cross_decoder.kv_layer_norm.weight.dtype
+        shapes = [(a.n_attn_kv_heads, a.head_dim, a.head_dim), (1, a.index_head_dim, 0)]
+        for c, (heads, kd, vd) in zip(cache[n:], shapes):
+            size = c.offset + n_tokens
+            if c.keys is not None and c.keys.shape[2] >= size:
+                continue
+            B = batch_size if c.keys is None else c.keys.shape[0]
+            keys, values = mx.zeros((B, heads, size, kd), dtype), mx.zeros((B, heads, size, vd), dtype)
+            if c.offset:
+                keys[..., : c.offset, :] = c.keys[..., : c.offset, :]
+                values[..., : c.offset, :] = c.values[..., : c.offset, :]
+            c.keys, c.values = keys, values
+
     @property
     def quant_predicate(self):
         # The router is tiny and decides what every cross layer sees: keep it exact.

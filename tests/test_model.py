@@ -33,9 +33,11 @@ def tokens(T, B=1, seed=1, vocab=200):
     return mx.array(np.random.default_rng(seed).integers(0, vocab, (B, T)))
 
 
-def incremental(model, toks, chunks):
+def incremental(model, toks, chunks, reserve=0):
     """Prefill in the given chunk sizes, then decode the rest one token at a time."""
     cache, outs, pos = model.make_cache(), [], 0
+    if reserve:
+        model.reserve(cache, reserve, batch_size=toks.shape[0])
     for c in chunks:
         outs.append(model(toks[:, pos:pos + c], cache))
         pos += c
@@ -52,10 +54,28 @@ def test_cached_equals_uncached(variant, dtype, tol):
     toks = tokens(23, B=2)
     full = model(toks)
     assert full.shape == (2, 23, model.args.vocab_size) and full.dtype == dtype
-    for chunks in ([1], [4, 3], [11], [6, 9]):
-        inc = incremental(model, toks, chunks)
+    for chunks, reserve in (([1], 0), ([4, 3], 0), ([11], 23), ([6, 9], 10)):
+        inc = incremental(model, toks, chunks, reserve)
         err = mx.abs(full.astype(mx.float32) - inc.astype(mx.float32)).max().item()
         assert err <= tol, (chunks, err)
+
+
+def test_reserve_allocates_the_global_caches_once():
+    model = make_model()
+    n = len(model.self_decoder.layers)
+    toks = tokens(40)
+    cache = model.make_cache()
+    model(toks[:, :8], cache)
+    model.reserve(cache, 700)
+    kv, index = cache[n], cache[n + 1]
+    assert kv.keys.shape[2] == index.keys.shape[2] == 708 and index.values.shape[-1] == 0
+    for s in range(8, 40, 8):
+        model(toks[:, s:s + 8], cache)
+        assert kv.keys.shape[2] == 708 and kv.offset == s + 8  # written in place, never regrown
+    reference = model(toks)
+    again = model.make_cache()
+    model(toks[:, :39], again)
+    assert mx.allclose(model(toks[:, 39:], again), reference[:, 39:], atol=1e-4)
 
 
 def test_retention_chunking_is_exact():
