@@ -99,11 +99,14 @@ def test_save_quit_load_continues_like_the_uninterrupted_session(folder, tmp_pat
     c.expect(pexpect.EOF)
 
 
-def test_ctrl_c_stops_the_reply_and_keeps_the_session(folder):
+def test_ctrl_c_stops_the_reply_and_keeps_the_session(tmp_path):
+    # seed 2: greedy decoding of this prompt runs past 600 tokens without an end token
+    folder = make_tiny_folder(tmp_path / "long", seed=2, index_topk=8, sliding_window=8)
     c = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--model", str(folder), "--max-tokens", "100000"],
                       encoding="utf-8", codec_errors="replace", timeout=90, cwd=str(ROOT))
     c.expect(">> ")
     c.sendline("talk for a long time")
+    c.expect_exact("talk for a long time")
     c.expect(r"\S", timeout=60)  # the reply has started streaming
     c.sendintr()
     c.expect_exact("[stopped]")
