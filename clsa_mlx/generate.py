@@ -33,18 +33,17 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs):
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     tokens = encode(tokenizer, prompt)
-    if kwargs.get("prompt_cache") is None:
-        kwargs["prompt_cache"] = model.make_cache()
+    cache = kwargs["prompt_cache"] = kwargs.get("prompt_cache") or model.make_cache()
     limit = model.args.max_seq_len
     if limit > 0:
-        used = context_used(model, kwargs.get("prompt_cache")) + len(tokens)
+        used = context_used(model, cache) + len(tokens)
         if used >= limit:
             raise ContextOverflowError(
                 f"context overflow: {used} tokens needed, the model's limit is {limit}"
             )
         room = limit - used
         max_tokens = room if max_tokens < 0 else min(max_tokens, room)
-    model.reserve(kwargs["prompt_cache"], len(tokens) + (max_tokens if 0 < max_tokens < RESERVE_MAX else RESERVE_MAX))
+    model.reserve(cache, len(tokens) + (min(max_tokens, RESERVE_MAX) if max_tokens > 0 else RESERVE_MAX))
     yield from _mlx_lm_stream_generate(model, tokenizer, tokens, max_tokens, **kwargs)
 
 
