@@ -29,6 +29,9 @@ def write_hf_tokenizer(sp_model, folder):
     tokenizer = AutoTokenizer.from_pretrained(folder, additional_special_tokens=SPECIALS)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
+    # a reply ends with <|end|>; plain text with </s> (mlx-lm reads eos ids from here)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_token_id, end]}))
     return folder
 
 
