@@ -1,4 +1,4 @@
-"""Tiny random-weight model folders with a byte-level tokenizer: for tests, demos and benchmarks."""
+"""Tiny random-weight model folders with a byte-level tokenizer: for tests and benchmarks."""
 
 import json
 from dataclasses import asdict
