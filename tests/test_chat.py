@@ -188,3 +188,25 @@ def test_load_refuses_another_model_and_keeps_the_session(folder, tmp_path):
         conv2.load(str(tmp_path / "broken.safetensors"))
     assert (conv2.used, conv2.messages) == before
     assert not [p for p in os.listdir(tmp_path) if "partial" in p]
+
+
+def test_shipped_model_answers_from_a_file(tmp_path):
+    """`python chat.py` with no --model: the shipped model reads a /file and answers from it."""
+    filler = "Each function accepts a path object or a string and raises an error when it is missing. " * 8
+    doc = tmp_path / "notes.txt"
+    doc.write_text(f"{filler}The value of key kavo-tiba is 48213. {filler}The value of key zeta-lumo is 11846. {filler}")
+    c = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--max-tokens", "10"],
+                      encoding="utf-8", codec_errors="replace", timeout=120, cwd=str(ROOT))
+    c.expect(">> ")
+    c.sendline(f"/file {doc}")
+    c.expect(r"tokens added")
+    c.expect(">> ")
+    c.sendline("What is the value of key zeta-lumo?")
+    c.expect(STATS)
+    assert "11846" in c.before
+    c.expect(">> ")
+    c.sendline("What is the value of key kavo-tiba?")
+    c.expect(STATS)
+    assert "48213" in c.before
+    c.sendline("/quit")
+    c.expect(pexpect.EOF)
