@@ -79,7 +79,7 @@ def command(conv: Conversation, line: str) -> bool:
         print("[conversation cleared]")
     elif name == "/system":
         conv.reset(arg)
-        print(f"[system prompt set; new conversation]")
+        print("[system prompt set; new conversation]")
     elif name == "/stats":
         print(f"[{conv.stats()}]")
     elif name in ("/file", "/save", "/load") and not arg:

@@ -91,7 +91,10 @@ class Conversation:
             self._clear_cache()
         return self.tokenizer.encode(text[len(self.text_in_cache):], add_special_tokens=False)
 
-    def _fit(self, text: str, reserve: int) -> list:
+    def _fit(self, render, reserve: int):
+        """-> (text, new tokens) for `render()` of the conversation, dropping the oldest turns
+        on overflow when allowed (the cache is then rebuilt), else refusing."""
+        text = render()
         ids = self._new_tokens(text)
         while self.used + len(ids) + reserve > self.limit:
             if not (self.drop_oldest and len(self.messages) >= 2):
@@ -99,9 +102,9 @@ class Conversation:
                                 f"> limit {self.limit}; /reset, or start with --drop-oldest")
             self.messages = self.messages[2:]
             self._clear_cache()
-            text = self._render(self._content(self.pending_question))
+            text = render()
             ids = self._new_tokens(text)
-        return ids
+        return text, ids
 
     def _prefill(self, ids: list, progress=None):
         self.model.reserve(self.cache, len(ids))
@@ -114,11 +117,13 @@ class Conversation:
     def add_document(self, path: str, progress=None):
         text = read_document(path)
         self.documents.append(f"File {Path(path).name}:\n{text}")
-        full = self._render("\n\n".join(self.documents) + SENTINEL)
-        prefix = full[:full.index(SENTINEL)]
-        self.pending_question = ""
+
+        def prefix():  # the conversation up to the end of the documents
+            full = self._render("\n\n".join(self.documents) + SENTINEL)
+            return full[:full.index(SENTINEL)]
+
         try:
-            ids = self._fit(prefix, reserve=0)
+            prefix, ids = self._fit(prefix, reserve=0)
         except ChatError:
             self.documents.pop()
             raise
@@ -128,9 +133,7 @@ class Conversation:
 
     def ask(self, question: str, max_tokens: int = 512, progress=None, stop=None, **sampling):
         """Streams the reply's text pieces; `stop()` returning True ends it after the current token."""
-        self.pending_question = question
-        full = self._render(self._content(question))
-        ids = self._fit(full, reserve=min(max_tokens, 256))
+        full, ids = self._fit(lambda: self._render(self._content(question)), reserve=min(max_tokens, 256))
         before = self.used
         generated = []
         try:

@@ -133,13 +133,18 @@ def test_overflow_is_refused_and_the_chat_continues(folder):
     c.expect(pexpect.EOF)
 
 
-def test_drop_oldest_keeps_going(folder):
+def test_drop_oldest_keeps_going(folder, tmp_path):
     conv = conversation(folder)
     conv.limit, conv.drop_oldest = 160, True
     for i in range(6):
         "".join(conv.ask(f"question number {i} " * 3, max_tokens=8))
         assert conv.used <= conv.limit
     assert len(conv.messages) < 12
+    doc = tmp_path / "d.txt"
+    doc.write_text("short note " * 4)
+    conv.add_document(str(doc))
+    "".join(conv.ask("and now?", max_tokens=8))
+    assert len(conv.ids) == conv.used <= conv.limit  # the cache is exactly what was tracked
 
 
 def test_one_shot_prompt_and_stdin(folder, doc):
