@@ -95,6 +95,7 @@ def plot(results, path):
         axes[0].plot(lengths, [100 * results["retrieval"][str(n)][name] for n in lengths], "o-", label=name)
     axes[0].set(xscale="log", xlabel="context tokens", ylabel="retrieval accuracy (%)", ylim=(0, 102),
                 title=f"retrieval (k = {results['index_topk']})")
+    axes[0].minorticks_off()
     axes[0].set_xticks(lengths, [f"{n // 1024}K" for n in lengths])
     axes[0].legend()
     ppl = results["perplexity"]
