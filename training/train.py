@@ -11,6 +11,7 @@ writes its own, so a run can be split over several GPU sessions.
 """
 
 import argparse
+from dataclasses import asdict
 import json
 import math
 import pathlib
@@ -25,7 +26,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from torch_ref.model import Model, ModelArgs, indexer_kd_loss, load_official, save_official  # noqa: E402
 from training.data import W_ANSWER, Sampler  # noqa: E402
 
-SHIPPED = dict(
+# The config planned for the GPU-trained model; the CPU-trained v0 in clsa_mlx/shipped
+# overrides it (--override, see README).
+GPU_CONFIG = dict(
     model_type="clsa", dim=256, n_layers=8, hidden_dim=768, n_self_heads=4, n_self_kv_heads=2,
     n_attn_heads=4, n_attn_kv_heads=2, vocab_size=4096, max_seq_len=131072, sliding_window=256,
     qk_norm=True, cross_rope=False, rope_style="standard", rope_theta=10000.0, norm_eps=1e-5,
@@ -86,7 +89,7 @@ def train(args):
         model, margs = load_official(args.init, device="cpu")
         model = model.float()
     else:
-        margs = ModelArgs(**{**SHIPPED, **json.loads(args.override)})
+        margs = ModelArgs(**{**GPU_CONFIG, **json.loads(args.override)})
         model = Model(margs)
     model.to(dev).train()
     params = [p for n, p in model.named_parameters() if not cfg["only_indexer"] or ".indexer." in n]
@@ -156,7 +159,7 @@ def train(args):
     (args.out / f"train_{args.stage}.json").write_text(json.dumps(
         dict(stage=args.stage, steps=step, tokens=tokens, seq=args.seq, batch=args.batch, seconds=time.time() - t0,
              device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__,
-             config=SHIPPED, stage_config=cfg, retrieval=evals, log=log), indent=1))
+             config=asdict(margs), stage_config=cfg, retrieval=evals, log=log), indent=1))
     print(f"{args.stage}: {step} steps, {tokens / 1e6:.1f}M tokens in {time.time() - t0:.0f}s -> {args.out}")
 
 
