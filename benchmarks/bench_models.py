@@ -98,12 +98,15 @@ def _kv_shape(model, c, cache):
 
 
 def decode_tps(model, context: int, steps: int):
+    """Median tok/s, cache bytes, and peak memory while decoding (weights + cache + work)."""
     cache = filled_cache(model, context)
+    mx.reset_peak_memory()
     stamps = []
     for _ in generate_step(mx.array([1]), model, max_tokens=steps, prompt_cache=cache):
         stamps.append(time.perf_counter())
     gaps = np.diff(stamps)[2:]  # skip warm-up steps
-    return 1.0 / float(np.median(gaps)), sum(c.nbytes for c in cache) - _slack_bytes(cache)
+    cache_bytes = sum(c.nbytes for c in cache) - _slack_bytes(cache)
+    return 1.0 / float(np.median(gaps)), cache_bytes, mx.get_peak_memory()
 
 
 def _slack_bytes(cache):
@@ -151,8 +154,7 @@ def clsa_breakdown(model, context: int, reps: int = 10):
         memory = model.cross_decoder.memory(x, cache[n], cache[n + 1], offset)
         mx.eval(memory.keys, memory.values)
         t.append(time.perf_counter())
-        for layer in model.cross_decoder.layers:
-            x = layer(x, memory)
+        x = model.cross_decoder.attend(x, memory)
         mx.eval(x)
         t.append(time.perf_counter())
         y = mx.argmax(model.output_projection(model.layer_norm(x)), axis=-1)
@@ -172,14 +174,18 @@ def run(config: str, contexts, bits: int, steps: int, prefill_max: int, transfor
         for context in contexts:
             if arch == "transformer" and context > transformer_max:
                 continue
-            tps, cache_bytes = decode_tps(model, context, steps)
-            row = dict(arch=arch, context=context, decode_tps=tps, cache_bytes=int(cache_bytes))
+            tps, cache_bytes, peak = decode_tps(model, context, steps)
+            row = dict(arch=arch, context=context, decode_tps=tps, cache_bytes=int(cache_bytes),
+                       decode_peak_memory=peak)
             row["decode_bytes"] = int(decode_bytes(model, arch, c, context, cache_bytes))
             row["roofline_share"] = row["decode_bytes"] / bw * tps
             if context <= prefill_max:
                 row["prefill_tps"], row["peak_memory"] = prefill_tps(model, context)
             if arch == "clsa":
                 row["breakdown_ms"] = clsa_breakdown(model, context)
+                model.cross_decoder.compile_decode = False  # what the compiled cross layers buy
+                row["decode_tps_eager"] = decode_tps(model, context, steps)[0]
+                model.cross_decoder.compile_decode = True
             rows.append(row)
             print(json.dumps(row), flush=True)
         del model

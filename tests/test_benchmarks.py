@@ -11,10 +11,12 @@ def test_bench_models_micro(tmp_path):
     assert set(rows) == {(a, c) for a in bench_models.ARCHS for c in (48, 200)}
     for r in rows.values():
         assert r["decode_tps"] > 0 and r["prefill_tps"] > 0 and 0 < r["roofline_share"]
+        assert r["decode_peak_memory"] > r["cache_bytes"]
     # the shared cache: YOCO/CLSA hold one global K/V, the Transformer one per layer
     assert rows[("yoco", 200)]["cache_bytes"] < rows[("transformer", 200)]["cache_bytes"]
     # CLSA reads the k routed rows, dense YOCO the whole context, in every cross layer
     assert rows[("clsa", 200)]["decode_bytes"] < rows[("yoco", 200)]["decode_bytes"]
+    assert rows[("clsa", 200)]["decode_tps_eager"] > 0
     assert set(rows[("clsa", 200)]["breakdown_ms"]) == {"self layers", "K/V + routing + gather", "cross layers", "head"}
     bench_models.plot(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
