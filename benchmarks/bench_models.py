@@ -114,14 +114,14 @@ def _slack_bytes(cache):
                if isinstance(c, KVCache) and c.keys is not None)
 
 
-def prefill_tps(model, context: int):
+def prefill_tps(model, context: int, step: int = 2048):
     prompt = mx.array(np.random.default_rng(0).integers(0, 200, context))
     cache = make_prompt_cache(model)
     if hasattr(model, "reserve"):  # what clsa_mlx.generate does; mlx-lm's Llama grows per chunk
         model.reserve(cache, context + 1)
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    for _ in generate_step(prompt, model, max_tokens=1, prompt_cache=cache):
+    for _ in generate_step(prompt, model, max_tokens=1, prompt_cache=cache, prefill_step_size=step):
         pass
     return context / (time.perf_counter() - t0), mx.get_peak_memory()
 
@@ -165,32 +165,47 @@ def clsa_breakdown(model, context: int, reps: int = 10):
     return {name: float(np.median(v[2:])) for name, v in parts.items()}
 
 
-def run(config: str, contexts, bits: int, steps: int, prefill_max: int, transformer_max: int):
+def run(config: str, contexts, bits: int, steps: int, prefill_max: int, transformer_max: int, reps: int = 3,
+        prefill_step: int = 2048, save=None):
+    """All models stay loaded; per context, decode is measured `reps` times in turn per
+    architecture (and CLSA with its cross layers eager), so drift hits all of them alike."""
     c = CONFIGS[config]
     bw = copy_bandwidth(10, log2_bytes=30 if config == "paper-4b" else 24)[0] * 1e9
+    models = {arch: build(arch, c, bits) for arch in ARCHS}
+    for model in models.values():  # kernel builds and JIT happen here, not in the first figure
+        prefill_tps(model, min(2048, contexts[0]))
     rows = []
-    for arch in ARCHS:
-        model = build(arch, c, bits)
-        for context in contexts:
-            if arch == "transformer" and context > transformer_max:
-                continue
-            tps, cache_bytes, peak = decode_tps(model, context, steps)
-            row = dict(arch=arch, context=context, decode_tps=tps, cache_bytes=int(cache_bytes),
-                       decode_peak_memory=peak)
+    results = dict(config=config, model=c, bits=bits or 16, copy_bandwidth_gbs=bw / 1e9, reps=reps, steps=steps,
+                   prefill_step=prefill_step, machine=machine(), rows=rows)
+    for context in contexts:
+        archs = [a for a in ARCHS if a != "transformer" or context <= transformer_max]
+        runs = {a: [] for a in archs + ["clsa-eager"]}
+        for _ in range(reps):
+            for arch in archs + ["clsa-eager"]:
+                model = models[arch.removesuffix("-eager")]
+                if arch.startswith("clsa"):
+                    model.cross_decoder.compile_decode = arch == "clsa"
+                runs[arch].append(decode_tps(model, context, steps))
+        models["clsa"].cross_decoder.compile_decode = True
+        for arch in archs:
+            model = models[arch]
+            tps_all = [r[0] for r in runs[arch]]
+            tps, cache_bytes, peak = float(np.median(tps_all)), runs[arch][-1][1], runs[arch][-1][2]
+            row = dict(arch=arch, context=context, decode_tps=tps, decode_tps_runs=tps_all,
+                       cache_bytes=int(cache_bytes), decode_peak_memory=peak)
             row["decode_bytes"] = int(decode_bytes(model, arch, c, context, cache_bytes))
             row["roofline_share"] = row["decode_bytes"] / bw * tps
             if context <= prefill_max:
-                row["prefill_tps"], row["peak_memory"] = prefill_tps(model, context)
+                row["prefill_tps"], row["peak_memory"] = prefill_tps(model, context, prefill_step)
             if arch == "clsa":
                 row["breakdown_ms"] = clsa_breakdown(model, context)
-                model.cross_decoder.compile_decode = False  # what the compiled cross layers buy
-                row["decode_tps_eager"] = decode_tps(model, context, steps)[0]
-                model.cross_decoder.compile_decode = True
+                row["decode_tps_eager_runs"] = [r[0] for r in runs["clsa-eager"]]
+                row["decode_tps_eager"] = float(np.median(row["decode_tps_eager_runs"]))
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del model
-        mx.clear_cache()
-    return dict(config=config, model=c, bits=bits or 16, copy_bandwidth_gbs=bw / 1e9, machine=machine(), rows=rows)
+        if save:  # after each context, so a run cut short keeps what it measured
+            save(results)
+    return results
 
 
 def plot(results, path):
@@ -203,7 +218,9 @@ def plot(results, path):
     for arch in ARCHS:
         rows = [r for r in results["rows"] if r["arch"] == arch]
         ctx = [r["context"] for r in rows]
-        axes[0].plot(ctx, [r["decode_tps"] for r in rows], "o-", label=arch)
+        tps = np.array([r["decode_tps"] for r in rows])
+        spread = [tps - [min(r["decode_tps_runs"]) for r in rows], [max(r["decode_tps_runs"]) for r in rows] - tps]
+        axes[0].errorbar(ctx, tps, yerr=spread, fmt="o-", capsize=3, label=arch)
         pre = [r for r in rows if "prefill_tps" in r]
         axes[1].plot([r["context"] for r in pre], [r["prefill_tps"] for r in pre], "o-", label=arch)
         axes[2].plot(ctx, [r["cache_bytes"] / 1e9 for r in rows], "o-", label=arch)
@@ -223,18 +240,25 @@ def main():
     p.add_argument("--config", choices=CONFIGS, default="cpu-small")
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
     p.add_argument("--bits", type=int, choices=[0, 4, 8], default=0, help="0 = bf16 weights")
-    p.add_argument("--steps", type=int, default=24, help="decode steps per measurement")
+    p.add_argument("--steps", type=int, default=64, help="decode steps per measurement")
+    p.add_argument("--reps", type=int, default=3, help="decode measurements per architecture and context")
     p.add_argument("--prefill-max", type=int, default=1 << 17, help="largest context whose prefill is timed")
+    p.add_argument("--prefill-step", type=int, default=2048, help="prompt tokens per prefill chunk (mlx-lm's default)")
     p.add_argument("--transformer-max", type=int, default=1 << 17, help="largest context for the Transformer")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
-    results = run(args.config, args.contexts, args.bits, args.steps, args.prefill_max, args.transformer_max)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_models_{args.config}_{results['bits']}bit"
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out_dir / f"{stem}.png")
-    print(f"-> {args.out_dir / stem}.json, .png")
+    stem = args.out_dir / f"bench_models_{args.config}_{16 if args.bits == 0 else args.bits}bit"
+    if args.prefill_step != 2048:
+        stem = stem.with_name(f"{stem.name}_step{args.prefill_step}")
 
+    def save(results):
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        plot(results, stem.with_suffix(".png"))
+
+    run(args.config, args.contexts, args.bits, args.steps, args.prefill_max, args.transformer_max, args.reps,
+        args.prefill_step, save)
+    print(f"-> {stem}.json, .png")
 
 if __name__ == "__main__":
     main()
