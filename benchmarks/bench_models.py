@@ -45,7 +45,7 @@ CONFIGS = {  # the paper's 4B (Table 7/8) and a small one whose ratios show on a
 ARCHS = ("transformer", "yoco", "clsa")
 
 
-def build(arch: str, c: dict, bits: int):
+def build(arch: str, c: dict, bits: int, materialize: bool = True):
     if arch == "transformer":
         model = llama.Model(llama.ModelArgs(
             model_type="llama", hidden_size=c["dim"], num_hidden_layers=c["n_layers"],
@@ -63,8 +63,13 @@ def build(arch: str, c: dict, bits: int):
         predicate = getattr(model, "quant_predicate", None)
         nn.quantize(model, group_size=64, bits=bits,
                     class_predicate=lambda p, m: hasattr(m, "to_quantized") and (predicate is None or predicate(p, m)))
-    mx.eval(model.parameters())
+    if materialize:
+        mx.eval(model.parameters())
     return model
+
+
+def weights_bytes(model) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def filled_cache(model, context: int, room: int = 1024):
@@ -168,25 +173,23 @@ def clsa_breakdown(model, context: int, reps: int = 10):
 def run(config: str, contexts, bits: int, steps: int, prefill_max: int, transformer_max: int, reps: int = 3,
         prefill_step: int = 2048, save=None):
     """All models stay loaded; per context, decode is measured `reps` times in turn per
-    architecture (and CLSA with its cross layers eager), so drift hits all of them alike."""
+    architecture, so drift hits all of them alike."""
     c = CONFIGS[config]
     bw = copy_bandwidth(10, log2_bytes=30 if config == "paper-4b" else 24)[0] * 1e9
     models = {arch: build(arch, c, bits) for arch in ARCHS}
     for model in models.values():  # kernel builds and JIT happen here, not in the first figure
         prefill_tps(model, min(2048, contexts[0]))
     rows = []
+    # peak figures include the other resident models: subtract their weights for a model's own
     results = dict(config=config, model=c, bits=bits or 16, copy_bandwidth_gbs=bw / 1e9, reps=reps, steps=steps,
-                   prefill_step=prefill_step, machine=machine(), rows=rows)
+                   prefill_step=prefill_step, machine=machine(),
+                   weights_bytes={a: weights_bytes(m) for a, m in models.items()}, rows=rows)
     for context in contexts:
         archs = [a for a in ARCHS if a != "transformer" or context <= transformer_max]
-        runs = {a: [] for a in archs + ["clsa-eager"]}
+        runs = {a: [] for a in archs}
         for _ in range(reps):
-            for arch in archs + ["clsa-eager"]:
-                model = models[arch.removesuffix("-eager")]
-                if arch.startswith("clsa"):
-                    model.cross_decoder.compile_decode = arch == "clsa"
-                runs[arch].append(decode_tps(model, context, steps))
-        models["clsa"].cross_decoder.compile_decode = True
+            for arch in archs:
+                runs[arch].append(decode_tps(models[arch], context, steps))
         for arch in archs:
             model = models[arch]
             tps_all = [r[0] for r in runs[arch]]
@@ -199,8 +202,6 @@ def run(config: str, contexts, bits: int, steps: int, prefill_max: int, transfor
                 row["prefill_tps"], row["peak_memory"] = prefill_tps(model, context, prefill_step)
             if arch == "clsa":
                 row["breakdown_ms"] = clsa_breakdown(model, context)
-                row["decode_tps_eager_runs"] = [r[0] for r in runs["clsa-eager"]]
-                row["decode_tps_eager"] = float(np.median(row["decode_tps_eager_runs"]))
             rows.append(row)
             print(json.dumps(row), flush=True)
         if save:  # after each context, so a run cut short keeps what it measured

@@ -139,7 +139,10 @@ def repl(conv: Conversation, gen: dict):
 @click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Per reply.")
 @click.option("--max-context", type=click.IntRange(min=16), help="Context limit in tokens (default: model and memory).")
 @click.option("--drop-oldest", is_flag=True, help="On overflow, drop the oldest turns instead of refusing.")
-def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_tokens, max_context, drop_oldest):
+@click.option("--prefill-step-size", type=click.IntRange(min=16), default=PREFILL_STEP, show_default=True,
+              help="Prompt tokens per prefill step; smaller steps hold less scratch memory on long documents.")
+def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_tokens, max_context, drop_oldest,
+         prefill_step_size):
     """Chat with a CLSA / YOCO model about long documents."""
     if seed is not None:
         mx.random.seed(seed)
@@ -148,7 +151,7 @@ def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_toke
     try:
         path = resolve(model) if model else shipped_model()
         m, tokenizer = load(path)
-        conv = Conversation(m, tokenizer, model_identity(path), system, max_context, drop_oldest)
+        conv = Conversation(m, tokenizer, model_identity(path), system, max_context, drop_oldest, prefill_step_size)
         for f in files:
             conv.add_document(f, progress=Progress())
     except (ChatError, FileNotFoundError, ValueError) as e:

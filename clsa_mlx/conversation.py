@@ -57,8 +57,9 @@ def read_document(path: str) -> str:
 
 class Conversation:
     def __init__(self, model, tokenizer, model_id: str, system: Optional[str] = None,
-                 max_context: Optional[int] = None, drop_oldest: bool = False):
+                 max_context: Optional[int] = None, drop_oldest: bool = False, prefill_step: int = PREFILL_STEP):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.prefill_step = prefill_step
         self.limit, self.drop_oldest = context_limit(model, max_context), drop_oldest
         self.last = None
         self.reset(system)
@@ -108,11 +109,12 @@ class Conversation:
 
     def _prefill(self, ids: list, progress=None):
         self.model.reserve(self.cache, len(ids))
-        for start in range(0, len(ids), PREFILL_STEP):
-            self.model(mx.array(ids[start:start + PREFILL_STEP])[None], cache=self.cache)
+        step = self.prefill_step
+        for start in range(0, len(ids), step):
+            self.model(mx.array(ids[start:start + step])[None], cache=self.cache)
             mx.eval([c.state for c in self.cache])
             if progress:
-                progress(min(start + PREFILL_STEP, len(ids)), len(ids))
+                progress(min(start + step, len(ids)), len(ids))
 
     def add_document(self, path: str, progress=None):
         text = read_document(path)
@@ -138,7 +140,8 @@ class Conversation:
         generated = []
         try:
             for r in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
-                                     prompt_cache=self.cache, prompt_progress_callback=progress, **sampling):
+                                     prompt_cache=self.cache, prompt_progress_callback=progress,
+                                     prefill_step_size=self.prefill_step, **sampling):
                 self.last = r
                 generated.append(r.token)
                 if r.finish_reason != "stop":

@@ -148,7 +148,6 @@ class Memory(NamedTuple):
     mask: Any = None
     index: Optional[mx.array] = None
     offset: int = 0
-    gathered: bool = False  # decode after select_kv: [B, Hkv, k, hd] at every step
 
 
 class CrossAttention(nn.Module):
@@ -204,8 +203,6 @@ class CrossDecoder(nn.Module):
         if self.topk:
             self.indexer = Indexer(args)
         self.layers = [DecoderLayer(args, CrossAttention(args)) for _ in range(args.n_layers // 2)]
-        self.compile_decode = self.rope is None
-        self._decode_layers = None
 
     def memory(self, x, kv_cache, index_cache, offset: int) -> Memory:
         """Write this chunk's shared K/V (and index keys) once; decide what cross layers read."""
@@ -230,24 +227,13 @@ class CrossDecoder(nn.Module):
         q_idx, k_idx = self.indexer.q_proj(H), k_idx[:, 0]
         if L == 1:
             keys, values = select_kv(q_idx, k_idx, keys, values, self.topk)
-            return Memory(keys, values, offset=offset, gathered=True)
+            return Memory(keys, values, offset=offset)
         return Memory(keys, values, index=route(q_idx, k_idx, self.topk, offset), offset=offset)
 
     def __call__(self, x, kv_cache, index_cache, offset: int):
         return self.attend(x, self.memory(x, kv_cache, index_cache, offset))
 
     def attend(self, x, memory: Memory):
-        if memory.gathered and self.compile_decode:
-            # Same shapes at every CLSA decode step: trace the cross layers once and
-            # replay them, instead of rebuilding ~10 ops per layer per token.
-            if self._decode_layers is None:
-                self._decode_layers = mx.compile(
-                    lambda x, keys, values: self._layers(x, Memory(keys, values)), inputs=self.layers
-                )
-            return self._decode_layers(x, memory.keys, memory.values)
-        return self._layers(x, memory)
-
-    def _layers(self, x, memory: Memory):
         for layer in self.layers:
             x = layer(x, memory)
         return x

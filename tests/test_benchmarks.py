@@ -16,7 +16,6 @@ def test_bench_models_micro(tmp_path):
     assert rows[("yoco", 200)]["cache_bytes"] < rows[("transformer", 200)]["cache_bytes"]
     # CLSA reads the k routed rows, dense YOCO the whole context, in every cross layer
     assert rows[("clsa", 200)]["decode_bytes"] < rows[("yoco", 200)]["decode_bytes"]
-    assert rows[("clsa", 200)]["decode_tps_eager"] > 0
     assert set(rows[("clsa", 200)]["breakdown_ms"]) == {"self layers", "K/V + routing + gather", "cross layers", "head"}
     bench_models.plot(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000

@@ -50,9 +50,9 @@ def run(folder, *args, stdin=None):
                           input=stdin, capture_output=True, text=True, errors="replace", cwd=str(ROOT), timeout=120)
 
 
-def conversation(folder):
+def conversation(folder, **kwargs):
     model, tokenizer = load(folder)
-    return Conversation(model, tokenizer, model_identity(folder))
+    return Conversation(model, tokenizer, model_identity(folder), **kwargs)
 
 
 def test_streamed_answer_file_and_commands(folder, doc, tmp_path):
@@ -161,13 +161,15 @@ def test_one_shot_prompt_and_stdin(folder, doc):
                          capture_output=True, text=True, cwd=str(ROOT))
     assert bad.returncode == 1 and bad.stderr.strip() == "error: /nonexistent/model: no such model folder"
     assert run(folder, "--prompt", "hi", "--temp", "-1").returncode == 2
+    assert run(folder, "--prompt", "hi", "--prefill-step-size", "0").returncode == 2
     overflow = run(folder, "--prompt", "y" * 300, "--max-context", "100")
     assert overflow.returncode == 1 and "context overflow" in overflow.stderr
 
 
-def test_the_cache_holds_exactly_the_rendered_conversation(folder, doc):
+@pytest.mark.parametrize("prefill_step", [2048, 7])
+def test_the_cache_holds_exactly_the_rendered_conversation(folder, doc, prefill_step):
     """Prompt reuse is exact: after turns and a document, the cache equals a fresh prefill."""
-    conv = conversation(folder)
+    conv = conversation(folder, prefill_step=prefill_step)
     "".join(conv.ask("one", max_tokens=5))
     conv.add_document(str(doc))
     "".join(conv.ask("two", max_tokens=5))

@@ -60,18 +60,6 @@ def test_cached_equals_uncached(variant, dtype, tol):
         assert err <= tol, (chunks, err)
 
 
-@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 0.05)])
-def test_compiled_decode_equals_eager(dtype, tol):
-    model = make_model(dtype=dtype, **VARIANTS["swa-clsa"])
-    toks = tokens(20, B=2)
-    outs = {}
-    for compiled in (False, True):
-        model.cross_decoder.compile_decode = compiled
-        outs[compiled] = incremental(model, toks, [8]).astype(mx.float32)
-    assert model.cross_decoder._decode_layers is not None  # the compiled path ran
-    assert mx.abs(outs[True] - outs[False]).max().item() <= tol
-
-
 def test_reserve_allocates_the_global_caches_once():
     model = make_model()
     n = len(model.self_decoder.layers)
