@@ -26,8 +26,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from torch_ref.model import Model, ModelArgs, indexer_kd_loss, load_official, save_official  # noqa: E402
 from training.data import W_ANSWER, Sampler  # noqa: E402
 
-# The config planned for the GPU-trained model; the CPU-trained v0 in clsa_mlx/shipped
-# overrides it (--override, see README).
+# The shipped model's config (clsa_mlx/shipped; training/gpu_train.sh); --override changes it
+# for experiments.
 GPU_CONFIG = dict(
     model_type="clsa", dim=256, n_layers=8, hidden_dim=768, n_self_heads=4, n_self_kv_heads=2,
     n_attn_heads=4, n_attn_kv_heads=2, vocab_size=4096, max_seq_len=131072, sliding_window=256,
