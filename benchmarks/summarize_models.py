@@ -36,8 +36,8 @@ def table(results):
         if "prefill_tps" in r and t and "prefill_tps" in t:
             pre += f" ({r['prefill_tps'] / t['prefill_tps']:.1f}x)"
         peak = f"{own(results, arch, r['peak_memory']) / 1e9:.2f}" if "peak_memory" in r else "-"
-        runs = "/".join(f"{x:.0f}" for x in r.get("decode_tps_runs", []))
-        out.append(f"| {ctx // 1024}K | {arch} | {r['decode_tps']:.0f} ({runs}) | {ratio(t)} | {ratio(y)} | "
+        runs = "/".join(f"{x:.3g}" for x in r.get("decode_tps_runs", []))
+        out.append(f"| {ctx // 1024}K | {arch} | {r['decode_tps']:.3g} ({runs}) | {ratio(t)} | {ratio(y)} | "
                    f"{100 * r['roofline_share']:.0f}% | {pre} | {r['cache_bytes'] / 1e9:.3f} | "
                    f"{own(results, arch, r['decode_peak_memory']) / 1e9:.2f} | {peak} |")
     return "\n".join(out)
