@@ -177,8 +177,8 @@ def run(config: str, contexts, bits: int, steps: int, prefill_max: int, transfor
     c = CONFIGS[config]
     bw = copy_bandwidth(10, log2_bytes=30 if config == "paper-4b" else 24)[0] * 1e9
     models = {arch: build(arch, c, bits) for arch in ARCHS}
-    for model in models.values():  # kernel builds and JIT happen here, not in the first figure
-        prefill_tps(model, min(2048, contexts[0]))
+    for model in models.values():  # builds and JIT for every chunk shape, before any figure
+        prefill_tps(model, min(2 * prefill_step + 1, contexts[0]), prefill_step)
     rows = []
     # peak figures include the other resident models: subtract their weights for a model's own
     results = dict(config=config, model=c, bits=bits or 16, copy_bandwidth_gbs=bw / 1e9, reps=reps, steps=steps,
