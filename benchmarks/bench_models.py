@@ -12,7 +12,9 @@ would pick instead), dense YOCO and CLSA (clsa_mlx). Per architecture and contex
   measured copy bandwidth that implies (the roofline);
 - for CLSA, where a decode step's time goes (self layers, shared K/V + routing + gather, cross
   layers, head), each part synced on its own.
-Writes bench_models_<config>.json and .png with machine, versions, date and commit.
+All three models stay loaded (paper-4b in bf16: 15 GB of weights) and decode is measured in
+turns, `--reps` times per context. Writes bench_models_<config>_<bits>bit.json and .png with
+machine, versions, date and commit, after each context.
 """
 
 import argparse
@@ -260,6 +262,7 @@ def main():
     run(args.config, args.contexts, args.bits, args.steps, args.prefill_max, args.transformer_max, args.reps,
         args.prefill_step, save)
     print(f"-> {stem}.json, .png")
+
 
 if __name__ == "__main__":
     main()
