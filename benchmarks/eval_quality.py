@@ -102,7 +102,8 @@ def plot(results, path):
     axes[1].bar(["dense", "clsa"], [ppl["dense"], ppl["clsa"]])
     axes[1].set(ylabel="perplexity", title=f"held-out text, {results['ppl_length']} tokens; "
                 f"coverage {100 * results.get('coverage', float('nan')):.1f}%")
-    fig.suptitle(f"{results['model']} — {results['machine']['device']}")
+    m = results["machine"]
+    fig.suptitle(f"{results['model']} — {m.get('gpu') or m['device']}, mlx {m['mlx']}, {m['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
