@@ -70,8 +70,8 @@ def build(arch: str, c: dict, bits: int, materialize: bool = True):
     return model
 
 
-def weights_bytes(model) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+def weights_bytes(model, embedding: bool = True) -> int:
+    return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if embedding or "embed" not in k)
 
 
 def filled_cache(model, context: int, room: int = 1024):
@@ -135,7 +135,7 @@ def prefill_tps(model, context: int, step: int = 2048):
 
 def decode_bytes(model, arch, c, context, cache_bytes):
     """Bytes one decode step must read: weights (one embedding row) plus the cache it attends to."""
-    weights = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if "embed" not in k)
+    weights = weights_bytes(model, embedding=False)
     if arch == "transformer":
         return weights + cache_bytes
     a, n_cross = model.args, c["n_layers"] // 2

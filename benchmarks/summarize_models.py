@@ -16,16 +16,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_models import ARCHS, build, weights_bytes  # noqa: E402
 
 
-def own(results, arch, key):
-    resident = results.get("weights_bytes") or {
-        a: weights_bytes(build(a, results["model"], 0 if results["bits"] == 16 else results["bits"], False))
-        for a in ARCHS}
-    results["weights_bytes"] = resident
-    return None if key is None else key - (sum(resident.values()) - resident[arch])
+def resident(results):
+    """Weights of each loaded model, bytes."""
+    bits = 0 if results["bits"] == 16 else results["bits"]
+    return results.get("weights_bytes") or {a: weights_bytes(build(a, results["model"], bits, False)) for a in ARCHS}
 
 
 def table(results):
     rows = {(r["arch"], r["context"]): r for r in results["rows"]}
+    weights = resident(results)
+    own = lambda arch, peak: peak - (sum(weights.values()) - weights[arch])  # noqa: E731
     out = [f"{results['config']}, {results['bits']}-bit, prefill chunk {results.get('prefill_step', 2048)}:",
            "| context | arch | decode tok/s (runs) | x Transformer | x YOCO | roofline | prefill tok/s | "
            "KV+index GB | own decode peak GB | own prefill peak GB |", "|" + " --- |" * 10]
@@ -35,11 +35,11 @@ def table(results):
         pre = f"{r['prefill_tps']:,.0f}" if "prefill_tps" in r else "-"
         if "prefill_tps" in r and t and "prefill_tps" in t:
             pre += f" ({r['prefill_tps'] / t['prefill_tps']:.1f}x)"
-        peak = f"{own(results, arch, r['peak_memory']) / 1e9:.2f}" if "peak_memory" in r else "-"
+        peak = f"{own(arch, r['peak_memory']) / 1e9:.2f}" if "peak_memory" in r else "-"
         runs = "/".join(f"{x:.3g}" for x in r.get("decode_tps_runs", []))
         out.append(f"| {ctx // 1024}K | {arch} | {r['decode_tps']:.3g} ({runs}) | {ratio(t)} | {ratio(y)} | "
                    f"{100 * r['roofline_share']:.0f}% | {pre} | {r['cache_bytes'] / 1e9:.3f} | "
-                   f"{own(results, arch, r['decode_peak_memory']) / 1e9:.2f} | {peak} |")
+                   f"{own(arch, r['decode_peak_memory']) / 1e9:.2f} | {peak} |")
     return "\n".join(out)
 
 

@@ -116,19 +116,17 @@ def _chunking(T: int):
 _MAX_SCORE_BYTES = 1 << 30  # fp32 score buffer per launch group (many-row calls are split)
 
 
-def route(q_idx, k_idx, k: int, offset: int, be: str, _rows=None):
+def route(q_idx, k_idx, k: int, offset: int, be: str):
     """Route in pieces of query rows small enough for one launch grid (< 2**31
     threads) and a bounded fp32 score buffer; see `_route_rows`."""
-    _rows = _rows or _route_rows
     B, L, _ = q_idx.shape
     T = k_idx.shape[1]
     _, C = _chunking(T)
-    step = min((2**31 - 1) // (B * C * _TG_SCORE), _MAX_SCORE_BYTES // (B * T * 4))
-    step = max(1, step)
+    step = max(1, min((2**31 - 1) // (B * C * _TG_SCORE), _MAX_SCORE_BYTES // (B * T * 4)))
     if L <= step:
-        return _rows(q_idx, k_idx, k, offset, be)
+        return _route_rows(q_idx, k_idx, k, offset, be)
     return mx.concatenate(
-        [_rows(q_idx[:, i : i + step], k_idx, k, offset + i, be) for i in range(0, L, step)],
+        [_route_rows(q_idx[:, i : i + step], k_idx, k, offset + i, be) for i in range(0, L, step)],
         axis=1,
     )
 

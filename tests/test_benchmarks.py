@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import bench_models
+from benchmarks import bench_models, summarize_models
 
 
 def test_bench_models_micro(tmp_path):
@@ -17,6 +17,8 @@ def test_bench_models_micro(tmp_path):
     # CLSA reads the k routed rows, dense YOCO the whole context, in every cross layer
     assert rows[("clsa", 200)]["decode_bytes"] < rows[("yoco", 200)]["decode_bytes"]
     assert set(rows[("clsa", 200)]["breakdown_ms"]) == {"self layers", "K/V + routing + gather", "cross layers", "head"}
+    table = summarize_models.table(results).splitlines()
+    assert len(table) == 3 + len(rows) and all(line.count("|") == 11 for line in table[1:])
     bench_models.plot(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
     json.dumps(results)
