@@ -47,7 +47,7 @@ CONFIGS = {  # the paper's 4B (Table 7/8) and a small one whose ratios show on a
 ARCHS = ("transformer", "yoco", "clsa")
 
 
-def build(arch: str, c: dict, bits: int, materialize: bool = True):
+def build(arch: str, c: dict, bits: int, materialize: bool = True, fuse: bool = True):
     if arch == "transformer":
         model = llama.Model(llama.ModelArgs(
             model_type="llama", hidden_size=c["dim"], num_hidden_layers=c["n_layers"],
@@ -65,6 +65,8 @@ def build(arch: str, c: dict, bits: int, materialize: bool = True):
         predicate = getattr(model, "quant_predicate", None)
         nn.quantize(model, group_size=64, bits=bits,
                     class_predicate=lambda p, m: hasattr(m, "to_quantized") and (predicate is None or predicate(p, m)))
+    if fuse and arch != "transformer":  # what clsa_mlx.load does
+        model.fuse()
     if materialize:
         mx.eval(model.parameters())
     return model

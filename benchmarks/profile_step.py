@@ -30,6 +30,36 @@ from mlx_lm.generate import generate_step  # noqa: E402
 
 from benchmarks.bench_models import ARCHS, CONFIGS, build, filled_cache, prefill_tps, weights_bytes  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
+from clsa_mlx.model import DecoderLayer, Memory  # noqa: E402
+
+
+def compile_decode(model):
+    """Experiment: one compiled call per decode-step FFN block, and for CLSA's routed decode
+    one compiled call for all cross layers (their inputs have fixed shapes). Returns a switch."""
+    on = [False]
+    eager_layer = DecoderLayer.__call__
+    blocks = {}
+
+    def layer_call(self, x, *mixer_args):
+        if not on[0] or x.shape[1] != 1:
+            return eager_layer(self, x, *mixer_args)
+        if id(self) not in blocks:
+            blocks[id(self)] = mx.compile(lambda h: h + self.ffn(self.final_layer_norm(h)))
+        return blocks[id(self)](x + self.mixer(self.mixer_layer_norm(x), *mixer_args))
+
+    DecoderLayer.__call__ = layer_call
+    cd = model.cross_decoder
+    eager_attend = cd.attend
+    compiled = mx.compile(lambda x, k, v: eager_attend(x, Memory(k, v)))
+
+    def attend(x, memory):
+        routed = memory.index is None and cd.topk and memory.keys.shape[2] == cd.topk
+        if on[0] and x.shape[1] == 1 and routed and cd.rope is None:
+            return compiled(x, memory.keys, memory.values)
+        return eager_attend(x, memory)
+
+    object.__setattr__(cd, "attend", attend)
+    return on
 
 
 def count_ops(out) -> int:
@@ -71,25 +101,45 @@ def main():
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--prefill", type=int, default=0, help="also time an N-token prefill (0: none)")
     p.add_argument("--prefill-step", type=int, default=2048)
+    p.add_argument("--variants", nargs="+", choices=["unfused", "fused", "compiled"], default=["fused"],
+                   help="YOCO/CLSA: separate projections, stacked ones (what load() gives), stacked + compiled decode blocks")
+    p.add_argument("--reps", type=int, default=1, help="measurements per variant, in turns")
     p.add_argument("--tag", default="default", help="names this run's environment in the output")
     p.add_argument("--out", type=Path, help="append the result (JSON lines)")
     args = p.parse_args()
     env = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
     for arch in args.archs:
-        model = build(arch, CONFIGS[args.config], args.bits)
+        variants = ["-"] if arch == "transformer" else args.variants
+        models = {}
+        if "unfused" in variants:
+            models["unfused"] = build(arch, CONFIGS[args.config], args.bits, fuse=False)
+        if {"fused", "compiled"} & set(variants):
+            models["fused"] = models["compiled"] = build(arch, CONFIGS[args.config], args.bits)
+            switch = compile_decode(models["fused"])
+        if arch == "transformer":
+            models["-"] = build(arch, CONFIGS[args.config], args.bits)
         pre = {}
         if args.prefill:
+            model = models[variants[-1]]
             prefill_tps(model, 2 * args.prefill_step + 1, args.prefill_step)  # JIT every chunk shape
             tps, peak = prefill_tps(model, args.prefill, args.prefill_step)
             pre = dict(prefill=args.prefill, prefill_tps=tps, prefill_peak_over_weights_gb=(peak - weights_bytes(model)) / 1e9)
         for context in args.contexts:
-            row = dict(tag=args.tag, env=env, config=args.config, bits=args.bits or 16, arch=arch, context=context,
-                       **pre, **profile(model, context, args.steps))
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(json.dumps(dict(row, machine=machine())) + "\n")
-        del model
+            runs = {v: [] for v in variants}
+            for _ in range(args.reps):  # variants in turns, so drift hits all alike
+                for v in variants:
+                    if v != "-":
+                        switch[0] = v == "compiled"
+                    runs[v].append(profile(models[v], context, args.steps))
+            for v in variants:
+                row = {k: float(np.median([r[k] for r in runs[v]])) for k in runs[v][0]}
+                row = dict(tag=args.tag, variant=v, env=env, config=args.config, bits=args.bits or 16, arch=arch,
+                           context=context, **pre, **row, pipelined_ms_runs=[r["pipelined_ms"] for r in runs[v]])
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    with args.out.open("a") as f:
+                        f.write(json.dumps(dict(row, machine=machine())) + "\n")
+        del models
 
 
 if __name__ == "__main__":

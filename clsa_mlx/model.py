@@ -1,3 +1,4 @@
+import copy
 from typing import Any, List, NamedTuple, Optional
 
 import mlx.core as mx
@@ -29,6 +30,24 @@ class RoPE(nn.Module):
         )
 
 
+def fuse_linears(module: nn.Module, names, fused_name: str):
+    """Replace projections of one input by one layer with their output rows stacked (and,
+    quantized, their scales and biases): a decode step then launches one matmul, not several.
+    Left alone unless all are the same kind of layer with the same quantization."""
+    parts = [module[n] for n in names]
+    kinds = {(type(p), getattr(p, "bits", None), getattr(p, "group_size", None), getattr(p, "mode", None))
+             for p in parts}
+    if len(kinds) != 1:
+        return
+    fused = copy.copy(parts[0])
+    for key, value in parts[0].items():
+        if isinstance(value, mx.array):
+            fused[key] = mx.concatenate([p[key] for p in parts])
+    for n in names:
+        del module[n]
+    module[fused_name] = fused
+
+
 class FeedForwardNetwork(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -37,7 +56,12 @@ class FeedForwardNetwork(nn.Module):
         self.fc2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
     def __call__(self, x):
+        if "fc1_gate" in self:
+            return self.fc2(swiglu(*mx.split(self.fc1_gate(x), 2, axis=-1)))
         return self.fc2(swiglu(self.fc1(x), self.gate(x)))
+
+    def fuse(self):
+        fuse_linears(self, ("fc1", "gate"), "fc1_gate")
 
 
 def split_heads(x, n_heads):
@@ -53,7 +77,7 @@ def merge_heads(x):
 class SlidingWindowAttention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        hd = args.self_head_dim
+        self.head_dim = hd = args.self_head_dim
         self.n_heads, self.n_kv_heads = args.n_self_heads, args.n_self_kv_heads
         self.scale = hd**-0.5
         self.q_proj = nn.Linear(args.dim, self.n_heads * hd, bias=False)
@@ -67,9 +91,14 @@ class SlidingWindowAttention(nn.Module):
         self.rope = RoPE(hd, args.rope_theta, args.rope_style)
 
     def __call__(self, x, mask, cache, offset: int):
-        q = split_heads(self.q_proj(x), self.n_heads)
-        k = split_heads(self.k_proj(x), self.n_kv_heads)
-        v = split_heads(self.v_proj(x), self.n_kv_heads).transpose(0, 2, 1, 3)
+        if "qkv_proj" in self:
+            q_end, k_end = self.n_heads * self.head_dim, (self.n_heads + self.n_kv_heads) * self.head_dim
+            q, k, v = mx.split(self.qkv_proj(x), (q_end, k_end), axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = split_heads(q, self.n_heads)
+        k = split_heads(k, self.n_kv_heads)
+        v = split_heads(v, self.n_kv_heads).transpose(0, 2, 1, 3)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = self.rope(q.transpose(0, 2, 1, 3), offset)
@@ -77,6 +106,9 @@ class SlidingWindowAttention(nn.Module):
         k, v = cache.update_and_fetch(k, v)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.out_proj(merge_heads(o))
+
+    def fuse(self):
+        fuse_linears(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
 
 
 class GateRetention(nn.Module):
@@ -266,6 +298,16 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.self_decoder.layers + self.cross_decoder.layers
+
+    def fuse(self):
+        """For inference after loading: stack the projections that read one input (q/k/v of
+        the window attention, fc1/gate of every FFN). Saved checkpoints keep the separate names."""
+        for layer in self.layers:
+            layer.ffn.fuse()
+            if isinstance(layer.mixer, SlidingWindowAttention):
+                layer.mixer.fuse()
+        mx.eval(self.parameters())  # materialize the stacked weights; the separate ones go
+        return self
 
     def make_cache(self):
         """Per self layer a window or retention state; one global K/V; one index-key cache."""
