@@ -65,7 +65,8 @@ def perplexity(models, text_ids, length, n):
 
 
 def coverage(model: Model, text_ids, length, n):
-    """Mean over rows t >= k of sum_{s in S_t} Abar[t, s], via the PyTorch reference."""
+    """Mean over rows t >= k of sum_{s in S_t} Abar[t, s], via the PyTorch reference
+    (`model` unfused: the reference names the projections separately)."""
     import torch
 
     from torch_ref.model import Model as TorchModel
@@ -122,8 +123,9 @@ def main():
 
     import sentencepiece as spm
 
-    clsa = load_model(args.model)
-    models = {"dense": dense_twin(clsa), "clsa": clsa}
+    unfused = load_model(args.model, fuse=False)
+    clsa = load_model(args.model)  # what generate() runs
+    models = {"dense": dense_twin(unfused).fuse(), "clsa": clsa}
     sp = spm.SentencePieceProcessor(model_file=str(Path(args.model) / "tokenizer.model"))
     corpus = np.load(args.data / "corpus_ids.npy")
     heldout = split(corpus, "heldout")
@@ -137,7 +139,7 @@ def main():
     results["perplexity"] = perplexity(models, heldout, args.ppl_length, args.ppl_windows)
     print(f"perplexity @ {args.ppl_length}: {results['perplexity']}", flush=True)
     try:
-        results["coverage"] = coverage(clsa, heldout, args.coverage_length, 4)
+        results["coverage"] = coverage(unfused, heldout, args.coverage_length, 4)
         print(f"coverage @ {args.coverage_length}: {results['coverage']:.4f}")
     except ImportError:
         print("coverage skipped: it needs torch (the PyTorch reference)")

@@ -50,12 +50,14 @@ def resolve(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
     return path
 
 
-def load_model(path_or_hf_repo, lazy: bool = False, strict: bool = True, model_config=None) -> Model:
-    """Weights and config only; no tokenizer needed."""
+def load_model(path_or_hf_repo, lazy: bool = False, strict: bool = True, model_config=None,
+               fuse: bool = True) -> Model:
+    """Weights and config only; no tokenizer needed. `fuse=False` keeps the checkpoint's
+    separate projections (to copy weights by name)."""
     model, _ = _mlx_lm_load_model(
         resolve(str(path_or_hf_repo)), lazy, strict, model_config, get_model_classes=get_model_classes
     )
-    return model
+    return model.fuse(materialize=not lazy) if fuse else model
 
 
 @contextmanager
@@ -76,6 +78,7 @@ def load(path_or_hf_repo, tokenizer_config=None, model_config=None, lazy: bool =
     """Returns `(model, tokenizer)`, the tokenizer wrapped by mlx-lm (streaming detokenizer, chat template)."""
     path = resolve(str(path_or_hf_repo), revision)
     model, config = _mlx_lm_load_model(path, lazy, True, model_config, get_model_classes=get_model_classes)
+    model.fuse(materialize=not lazy)
     with _quiet_transformers():
         tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
     return (model, tokenizer, config) if return_config else (model, tokenizer)

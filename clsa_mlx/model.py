@@ -299,14 +299,16 @@ class Model(nn.Module):
     def layers(self):
         return self.self_decoder.layers + self.cross_decoder.layers
 
-    def fuse(self):
+    def fuse(self, materialize: bool = True):
         """For inference after loading: stack the projections that read one input (q/k/v of
-        the window attention, fc1/gate of every FFN). Saved checkpoints keep the separate names."""
+        the window attention, fc1/gate of every FFN). Layer by layer, so loading holds at
+        most one layer twice. Saved checkpoints keep the separate names."""
         for layer in self.layers:
             layer.ffn.fuse()
             if isinstance(layer.mixer, SlidingWindowAttention):
                 layer.mixer.fuse()
-        mx.eval(self.parameters())  # materialize the stacked weights; the separate ones go
+            if materialize:
+                mx.eval(layer.parameters())
         return self
 
     def make_cache(self):

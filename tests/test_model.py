@@ -185,3 +185,33 @@ def test_mlx_lm_model_contract():
 def test_bad_config_names_the_problem(bad, msg):
     with pytest.raises(ValueError, match=msg):
         tiny_args(**bad)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bits", [0, 4])
+def test_fused_projections_equal_separate(variant, bits):
+    import mlx.nn as nn
+
+    model = make_model(**VARIANTS[variant], dim=64, hidden_dim=128)
+    if bits:
+        nn.quantize(model, group_size=32, bits=bits, class_predicate=lambda p, m: isinstance(m, nn.Linear) and "indexer" not in p)
+    toks = tokens(23, B=2)
+    full, inc = model(toks), incremental(model, toks, [11])
+    names = {k for k, _ in tree_flatten(model.fuse().parameters())}
+    assert "self_decoder.layers.0.ffn.fc1_gate.weight" in names and "cross_decoder.layers.1.ffn.gate.weight" not in names
+    assert ("self_decoder.layers.0.mixer.qkv_proj.weight" in names) == (model.self_decoder.window is not None)
+    for before, after in ((full, model(toks)), (inc, incremental(model, toks, [11]))):
+        assert mx.abs(before - after).max().item() <= 1e-5
+
+
+def test_fusion_leaves_mixed_quantization_alone():
+    import mlx.nn as nn
+
+    from clsa_mlx.model import fuse_linears
+
+    model = make_model(dim=64, hidden_dim=128)
+    ffn = model.self_decoder.layers[0].ffn
+    ffn.fc1 = nn.QuantizedLinear.from_linear(ffn.fc1, group_size=32, bits=4)
+    ffn.gate = nn.QuantizedLinear.from_linear(ffn.gate, group_size=32, bits=8)
+    fuse_linears(ffn, ("fc1", "gate"), "fc1_gate")
+    assert "fc1_gate" not in ffn and "fc1" in ffn and "gate" in ffn
