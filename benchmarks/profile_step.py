@@ -12,6 +12,8 @@ Per architecture and context, medians over `--steps` steps of:
 - with --prefill N: prefill tok/s of an N-token prompt and its peak memory above the weights.
 Run it under different MLX_* environment variables (benchmarks/gpu_profile.sh) to see which
 knob moves the floor; the variables in effect are saved with the results.
+`--plot FILE.jsonl` draws a saved run: one panel per setting, a bar per step (build, dispatch,
+wait stacked) and a dot for the pipelined step.
 """
 
 import argparse
@@ -92,6 +94,36 @@ def profile(model, context: int, steps: int) -> dict:
     return row
 
 
+def plot(path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    tags = list(dict.fromkeys(r["tag"] for r in rows))
+    fig, axes = plt.subplots(1, len(tags), figsize=(4.5 * len(tags), 4.5), sharey=True, squeeze=False)
+    for ax, tag in zip(axes[0], tags):
+        sel = [r for r in rows if r["tag"] == tag]
+        x = np.arange(len(sel))
+        bottom = np.zeros(len(sel))
+        for part, color in (("build_ms", "tab:blue"), ("dispatch_ms", "tab:orange"), ("wait_ms", "tab:green")):
+            v = np.array([r[part] for r in sel])
+            ax.bar(x, v, bottom=bottom, color=color, label=part[:-3])
+            bottom += v
+        ax.plot(x, [r["pipelined_ms"] for r in sel], "k_", markersize=14, mew=2, label="pipelined step")
+        ax.set_xticks(x, [f"{r['arch']}{'' if r.get('variant', '-') in ('-', 'fused') else ' ' + r['variant']}\n"
+                          f"{r['context'] // 1024}K" for r in sel], rotation=90, fontsize=7)
+        ax.set_title(f"{tag} ({sel[0]['bits']}-bit)", fontsize=9)
+    axes[0][0].set_ylabel("ms per decode step")
+    axes[0][0].legend(fontsize=7)
+    m = rows[0]["machine"]
+    fig.suptitle(f"{rows[0]['config']} decode step, host vs GPU — {m.get('gpu') or m['device']}, mlx {m['mlx']}, "
+                 f"{m['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=110)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=CONFIGS, default="cpu-small")
@@ -106,7 +138,10 @@ def main():
     p.add_argument("--reps", type=int, default=1, help="measurements per variant, in turns")
     p.add_argument("--tag", default="default", help="names this run's environment in the output")
     p.add_argument("--out", type=Path, help="append the result (JSON lines)")
+    p.add_argument("--plot", type=Path, help="draw FILE.jsonl as FILE.png and exit")
     args = p.parse_args()
+    if args.plot:
+        return plot(args.plot)
     env = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
     for arch in args.archs:
         variants = ["-"] if arch == "transformer" else args.variants

@@ -28,3 +28,33 @@ def test_bench_models_quantized_builds():
     model = bench_models.build("clsa", bench_models.CONFIGS["micro"], bits=4)
     assert model.cross_decoder.layers[0].mixer.q_proj.bits == 4
     assert not hasattr(model.cross_decoder.indexer.q_proj, "bits")  # the router stays exact
+
+
+def test_profile_step_micro(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import mlx.core as mx
+
+    from benchmarks import profile_step
+    from clsa_mlx.model import DecoderLayer
+
+    monkeypatch.setattr(DecoderLayer, "__call__", DecoderLayer.__call__)  # compile_decode patches the class
+    model = bench_models.build("clsa", bench_models.CONFIGS["micro"], bits=0)
+    switch = profile_step.compile_decode(model)
+    y, outs = mx.array([[3]]), {}
+    for on in (False, True):  # the compiled decode blocks compute what the eager ones do
+        switch[0] = on
+        mx.random.seed(0)  # the same random cache for both
+        outs[on] = model(y, cache=bench_models.filled_cache(model, 100))
+        row = profile_step.profile(model, 100, steps=3)
+        assert row["ops"] > 0 and min(row[k] for k in ("build_ms", "dispatch_ms", "synced_ms", "pipelined_ms")) > 0
+    assert mx.allclose(outs[False], outs[True], atol=1e-2).item()
+    out = tmp_path / "p.jsonl"
+    cmd = [sys.executable, "benchmarks/profile_step.py", "--config", "micro", "--contexts", "64", "--steps", "3",
+           "--archs", "yoco", "--variants", "unfused", "fused", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["unfused", "fused"] and rows[1]["ops"] < rows[0]["ops"]
+    subprocess.run([sys.executable, "benchmarks/profile_step.py", "--plot", str(out)], check=True)
+    assert out.with_suffix(".png").stat().st_size > 1000
