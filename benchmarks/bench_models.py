@@ -65,8 +65,8 @@ def build(arch: str, c: dict, bits: int, materialize: bool = True, fuse: bool = 
         predicate = getattr(model, "quant_predicate", None)
         nn.quantize(model, group_size=64, bits=bits,
                     class_predicate=lambda p, m: hasattr(m, "to_quantized") and (predicate is None or predicate(p, m)))
-    if fuse and arch != "transformer":  # what clsa_mlx.load does
-        model.fuse()
+    if fuse and arch != "transformer":  # what clsa_mlx.load does; mlx-lm's Llama keeps its separate projections
+        model.fuse(materialize=materialize)
     if materialize:
         mx.eval(model.parameters())
     return model

@@ -13,7 +13,7 @@ Per architecture and context, medians over `--steps` steps of:
 Run it under different MLX_* environment variables (benchmarks/gpu_profile.sh) to see which
 knob moves the floor; the variables in effect are saved with the results.
 `--plot FILE.jsonl` draws a saved run: one panel per setting, a bar per step (build, dispatch,
-wait stacked) and a dot for the pipelined step.
+wait stacked) and a black mark for the pipelined step.
 """
 
 import argparse
@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,32 +37,39 @@ from clsa_mlx.model import DecoderLayer, Memory  # noqa: E402
 
 
 def compile_decode(model):
-    """Experiment: one compiled call per decode-step FFN block, and for CLSA's routed decode
-    one compiled call for all cross layers (their inputs have fixed shapes). Returns a switch."""
-    on = [False]
+    """Experiment: one compiled call per decode-step FFN block of `model`, and for CLSA's routed
+    decode one compiled call for all cross layers (their inputs have fixed shapes). Returns a
+    switch: `.on` (off at first), `.calls` (compiled calls so far), `.restore()` (unpatch)."""
+    switch = SimpleNamespace(on=False, calls=0)
     eager_layer = DecoderLayer.__call__
-    blocks = {}
+    blocks = {id(layer): None for layer in model.layers}
 
     def layer_call(self, x, *mixer_args):
-        if not on[0] or x.shape[1] != 1:
+        if not switch.on or x.shape[1] != 1 or id(self) not in blocks:
             return eager_layer(self, x, *mixer_args)
-        if id(self) not in blocks:
+        if blocks[id(self)] is None:
             blocks[id(self)] = mx.compile(lambda h: h + self.ffn(self.final_layer_norm(h)))
+        switch.calls += 1
         return blocks[id(self)](x + self.mixer(self.mixer_layer_norm(x), *mixer_args))
 
-    DecoderLayer.__call__ = layer_call
     cd = model.cross_decoder
     eager_attend = cd.attend
     compiled = mx.compile(lambda x, k, v: eager_attend(x, Memory(k, v)))
 
     def attend(x, memory):
         routed = memory.index is None and cd.topk and memory.keys.shape[2] == cd.topk
-        if on[0] and x.shape[1] == 1 and routed and cd.rope is None:
+        if switch.on and x.shape[1] == 1 and routed and cd.rope is None:
+            switch.calls += 1
             return compiled(x, memory.keys, memory.values)
         return eager_attend(x, memory)
 
+    def restore():
+        DecoderLayer.__call__ = eager_layer
+
+    DecoderLayer.__call__ = layer_call
     object.__setattr__(cd, "attend", attend)
-    return on
+    switch.restore = restore
+    return switch
 
 
 def count_ops(out) -> int:
@@ -145,7 +153,7 @@ def main():
     env = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
     for arch in args.archs:
         variants = ["-"] if arch == "transformer" else args.variants
-        models = {}
+        models, switch = {}, None
         if "unfused" in variants:
             models["unfused"] = build(arch, CONFIGS[args.config], args.bits, fuse=False)
         if {"fused", "compiled"} & set(variants):
@@ -156,15 +164,18 @@ def main():
         pre = {}
         if args.prefill:
             model = models[variants[-1]]
-            prefill_tps(model, 2 * args.prefill_step + 1, args.prefill_step)  # JIT every chunk shape
+            for n in (2 * args.prefill_step + 1, 2 * args.prefill_step):  # JIT every chunk shape first
+                prefill_tps(model, n, args.prefill_step)
             tps, peak = prefill_tps(model, args.prefill, args.prefill_step)
-            pre = dict(prefill=args.prefill, prefill_tps=tps, prefill_peak_over_weights_gb=(peak - weights_bytes(model)) / 1e9)
+            loaded = sum(weights_bytes(m) for m in {id(m): m for m in models.values()}.values())
+            pre = dict(prefill=args.prefill, prefill_step=args.prefill_step, prefill_tps=tps,
+                       prefill_peak_over_weights_gb=(peak - loaded) / 1e9)
         for context in args.contexts:
             runs = {v: [] for v in variants}
             for _ in range(args.reps):  # variants in turns, so drift hits all alike
                 for v in variants:
-                    if v != "-":
-                        switch[0] = v == "compiled"
+                    if switch is not None:
+                        switch.on = v == "compiled"
                     runs[v].append(profile(models[v], context, args.steps))
             for v in variants:
                 row = {k: float(np.median([r[k] for r in runs[v]])) for k in runs[v][0]}
@@ -174,6 +185,8 @@ def main():
                 if args.out:
                     with args.out.open("a") as f:
                         f.write(json.dumps(dict(row, machine=machine())) + "\n")
+        if switch is not None:
+            switch.restore()
         del models
 
 

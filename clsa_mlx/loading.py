@@ -74,11 +74,13 @@ def _quiet_transformers():
 
 
 def load(path_or_hf_repo, tokenizer_config=None, model_config=None, lazy: bool = False,
-         return_config: bool = False, revision: Optional[str] = None):
-    """Returns `(model, tokenizer)`, the tokenizer wrapped by mlx-lm (streaming detokenizer, chat template)."""
+         return_config: bool = False, revision: Optional[str] = None, fuse: bool = True):
+    """Returns `(model, tokenizer)`, the tokenizer wrapped by mlx-lm (streaming detokenizer, chat
+    template). The model's stacked projections (`Model.fuse`) unless `fuse=False`."""
     path = resolve(str(path_or_hf_repo), revision)
     model, config = _mlx_lm_load_model(path, lazy, True, model_config, get_model_classes=get_model_classes)
-    model.fuse(materialize=not lazy)
+    if fuse:
+        model.fuse(materialize=not lazy)
     with _quiet_transformers():
         tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
     return (model, tokenizer, config) if return_config else (model, tokenizer)

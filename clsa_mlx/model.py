@@ -33,11 +33,20 @@ class RoPE(nn.Module):
 def fuse_linears(module: nn.Module, names, fused_name: str):
     """Replace projections of one input by one layer with their output rows stacked (and,
     quantized, their scales and biases): a decode step then launches one matmul, not several.
-    Left alone unless all are the same kind of layer with the same quantization."""
+    Left alone unless all are the same kind of layer with the same quantization, parameters
+    and dtype, every parameter one row per output."""
+    if fused_name in module or not all(n in module for n in names):
+        return
     parts = [module[n] for n in names]
-    kinds = {(type(p), getattr(p, "bits", None), getattr(p, "group_size", None), getattr(p, "mode", None))
-             for p in parts}
-    if len(kinds) != 1:
+
+    def kind(p):
+        arrays = {k: v for k, v in p.items() if isinstance(v, mx.array)}
+        rows = {v.shape[0] for v in arrays.values()}
+        return (type(p), getattr(p, "bits", None), getattr(p, "group_size", None), getattr(p, "mode", None),
+                p.weight.dtype, tuple(sorted(arrays)), len(rows) == 1)
+
+    kinds = {kind(p) for p in parts}
+    if len(kinds) != 1 or not next(iter(kinds))[-1]:
         return
     fused = copy.copy(parts[0])
     for key, value in parts[0].items():

@@ -31,6 +31,7 @@ def test_bench_models_quantized_builds():
 
 
 def test_profile_step_micro(tmp_path, monkeypatch):
+    import math
     import subprocess
     import sys
 
@@ -39,22 +40,37 @@ def test_profile_step_micro(tmp_path, monkeypatch):
     from benchmarks import profile_step
     from clsa_mlx.model import DecoderLayer
 
-    monkeypatch.setattr(DecoderLayer, "__call__", DecoderLayer.__call__)  # compile_decode patches the class
+    monkeypatch.setattr(DecoderLayer, "__call__", DecoderLayer.__call__)  # restored even if the test fails
+    eager = DecoderLayer.__call__
     model = bench_models.build("clsa", bench_models.CONFIGS["micro"], bits=0)
+    other = bench_models.build("yoco", bench_models.CONFIGS["micro"], bits=0)
     switch = profile_step.compile_decode(model)
     y, outs = mx.array([[3]]), {}
     for on in (False, True):  # the compiled decode blocks compute what the eager ones do
-        switch[0] = on
+        switch.on, calls = on, switch.calls
         mx.random.seed(0)  # the same random cache for both
         outs[on] = model(y, cache=bench_models.filled_cache(model, 100))
-        row = profile_step.profile(model, 100, steps=3)
-        assert row["ops"] > 0 and min(row[k] for k in ("build_ms", "dispatch_ms", "synced_ms", "pipelined_ms")) > 0
+        assert (switch.calls > calls) == on
+        calls = switch.calls
+        other(y, cache=bench_models.filled_cache(other, 100))  # another model's layers stay eager
+        assert switch.calls == calls
+        row = profile_step.profile(model, 100, steps=6)
+        for k in ("build_ms", "dispatch_ms", "synced_ms", "pipelined_ms"):
+            assert math.isfinite(row[k]) and row[k] > 0, k
+        assert row["ops"] > 0
     assert mx.allclose(outs[False], outs[True], atol=1e-2).item()
+    switch.restore()
+    assert DecoderLayer.__call__ is eager
     out = tmp_path / "p.jsonl"
-    cmd = [sys.executable, "benchmarks/profile_step.py", "--config", "micro", "--contexts", "64", "--steps", "3",
-           "--archs", "yoco", "--variants", "unfused", "fused", "--out", str(out)]
+    cmd = [sys.executable, "benchmarks/profile_step.py", "--config", "micro", "--contexts", "64", "--steps", "6",
+           "--archs", "yoco", "clsa", "--variants", "unfused", "fused", "compiled", "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True)
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["variant"] for r in rows] == ["unfused", "fused"] and rows[1]["ops"] < rows[0]["ops"]
+    rows = {(r["arch"], r["variant"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(rows) == 6 and all(math.isfinite(r["pipelined_ms"]) for r in rows.values())
+    for arch in ("yoco", "clsa"):
+        assert rows[(arch, "fused")]["ops"] < rows[(arch, "unfused")]["ops"]
+    # the first architecture's compiled blocks do not leak into the second's eager rows
+    assert rows[("clsa", "unfused")]["ops"] - rows[("clsa", "fused")]["ops"] == \
+        rows[("yoco", "unfused")]["ops"] - rows[("yoco", "fused")]["ops"]
     subprocess.run([sys.executable, "benchmarks/profile_step.py", "--plot", str(out)], check=True)
     assert out.with_suffix(".png").stat().st_size > 1000

@@ -215,3 +215,36 @@ def test_fusion_leaves_mixed_quantization_alone():
     ffn.gate = nn.QuantizedLinear.from_linear(ffn.gate, group_size=32, bits=8)
     fuse_linears(ffn, ("fc1", "gate"), "fc1_gate")
     assert "fc1_gate" not in ffn and "fc1" in ffn and "gate" in ffn
+
+
+def test_fusion_needs_matching_parameters_and_runs_once():
+    import mlx.nn as nn
+
+    from clsa_mlx.model import fuse_linears
+
+    model = make_model(dim=64, hidden_dim=128)
+    ffn = model.self_decoder.layers[0].ffn
+    ffn.gate = nn.Linear(64, 128, bias=True)  # a bias the other part lacks would be dropped
+    fuse_linears(ffn, ("fc1", "gate"), "fc1_gate")
+    assert "fc1_gate" not in ffn
+    ffn.gate = nn.Linear(64, 128, bias=False)
+    ffn.gate.weight = ffn.gate.weight.astype(mx.bfloat16)  # would promote fc1's output
+    fuse_linears(ffn, ("fc1", "gate"), "fc1_gate")
+    assert "fc1_gate" not in ffn
+    model = make_model(dim=64, hidden_dim=128)
+    names = {k for k, _ in tree_flatten(model.fuse().fuse().parameters())}
+    assert "self_decoder.layers.0.ffn.fc1_gate.weight" in names
+
+
+def test_load_fuses_unless_asked_not_to(tmp_path):
+    from clsa_mlx import load, load_model
+    from clsa_mlx.tiny import make_tiny_folder
+
+    make_tiny_folder(tmp_path)
+    names = lambda m: {k for k, _ in tree_flatten(m.parameters())}  # noqa: E731
+    fused, _ = load(tmp_path)
+    assert "self_decoder.layers.0.mixer.qkv_proj.weight" in names(fused)
+    assert "self_decoder.layers.0.mixer.q_proj.weight" in names(load_model(tmp_path, fuse=False))
+    lazy = load_model(tmp_path, lazy=True)
+    toks = tokens(9)
+    assert mx.abs(lazy(toks) - load_model(tmp_path, fuse=False)(toks)).max().item() <= 1e-5
