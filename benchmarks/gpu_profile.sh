@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Where a paper-4b decode step's time goes on the GPU box: separate vs stacked projections vs
-# compiled decode blocks, measured in turns in one process; and one MLX CUDA knob (MLX reads
-# them once per process).   bash benchmarks/gpu_profile.sh -> $OUT/profile_step.jsonl, profile.log
+# Where a paper-4b step's time goes on the GPU box (MLX CUDA installed). Run 3, for the next
+# session: one 2048-token prefill chunk over a 128K cache, part by part (CLSA prefills at ~15% of
+# the bf16 rate, cause unknown), with MLX's default SDPA dispatch and with cuDNN SDPA off (MLX
+# reads the knob once per process). Runs 1-2 (decode) are in git, see benchmarks/results/README.md.
+#   bash benchmarks/gpu_profile.sh -> $OUT/profile_step.jsonl, profile.log
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-P="timeout 200 python3 benchmarks/profile_step.py --config paper-4b --steps 32 --reps 3 --out $OUT/profile_step.jsonl"
+P="timeout 280 python3 benchmarks/profile_step.py --config paper-4b --steps 16 --contexts 8192 --out $OUT/profile_step.jsonl"
 {
-$P --contexts 8192 131072 --variants unfused fused compiled --tag default
-$P --contexts 8192 131072 --variants fused compiled --bits 4 --tag default-4bit
-MLX_MAX_OPS_PER_BUFFER=300 $P --contexts 131072 --archs yoco clsa --variants fused compiled --tag ops300
+$P --prefill-breakdown 131072 --tag prefill-breakdown
+MLX_CUDA_USE_CUDNN_SDPA=0 $P --archs yoco clsa --prefill-breakdown 131072 --tag prefill-breakdown-no-cudnn
 } 2>&1 | tee "$OUT/profile.log"

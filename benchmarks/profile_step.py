@@ -9,7 +9,8 @@ Per architecture and context, medians over `--steps` steps of:
 - synced_ms: build + dispatch + wait, one step at a time;
 - pipelined_ms: mlx-lm's generate loop, which builds step n+1 while the GPU runs step n;
 - ops: primitives in the step's graph;
-- with --prefill N: prefill tok/s of an N-token prompt and its peak memory above the weights.
+- with --prefill N: prefill tok/s of an N-token prompt and its peak memory above the weights;
+- with --prefill-breakdown N: one prefill chunk over N cached tokens, part by part.
 Run it under different MLX_* environment variables (benchmarks/gpu_profile.sh) to see which
 knob moves the floor; the variables in effect are saved with the results.
 `--plot FILE.jsonl` draws a saved run: one panel per setting, a bar per step (build, dispatch,
@@ -30,9 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
+from mlx_lm.models.base import create_attention_mask  # noqa: E402
 
 from benchmarks.bench_models import ARCHS, CONFIGS, build, filled_cache, prefill_tps, weights_bytes  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
+from clsa_mlx import Model  # noqa: E402
 from clsa_mlx.model import DecoderLayer, Memory  # noqa: E402
 
 
@@ -102,6 +105,47 @@ def profile(model, context: int, steps: int) -> dict:
     return row
 
 
+def prefill_breakdown(model, context: int, chunk: int, reps: int = 3) -> dict:
+    """Milliseconds of one `chunk`-token prefill step over a cache holding `context` tokens: the
+    step as mlx-lm runs it (one eval of the caches), then each part synced on its own, summed
+    over the layers a prompt runs: attention halves, FFN halves, and for YOCO/CLSA the shared
+    K/V and index keys written for the cross layers."""
+    toks = mx.array(np.random.default_rng(0).integers(0, 200, (1, chunk)))
+    runs = []
+    for _ in range(reps + 1):
+        cache = filled_cache(model, context, room=chunk + 1)
+        t0 = time.perf_counter()
+        model(toks, cache=cache)
+        mx.eval([c.state for c in cache])
+        row = {"step (one eval)": time.perf_counter() - t0, "attention": 0.0, "ffn": 0.0, "shared K/V + index keys": 0.0}
+        cache = filled_cache(model, context, room=chunk + 1)
+        if isinstance(model, Model):
+            n, offset = len(model.self_decoder.layers), cache[len(model.self_decoder.layers)].offset
+            x = model.embed_tokens(toks) * model.args.embed_scale
+            mask = create_attention_mask(x, cache[0], window_size=model.self_decoder.window)
+            halves = [(lambda h, l=l, c=c: l.mixer(l.mixer_layer_norm(h), mask, c, offset),
+                       lambda h, l=l: l.ffn(l.final_layer_norm(h))) for l, c in zip(model.self_decoder.layers, cache)]
+        else:
+            x = model.model.embed_tokens(toks)
+            mask = create_attention_mask(x, cache[0])
+            halves = [(lambda h, l=l, c=c: l.self_attn(l.input_layernorm(h), mask, c),
+                       lambda h, l=l: l.mlp(l.post_attention_layernorm(h))) for l, c in zip(model.layers, cache)]
+        mx.eval(x)
+        for attention, ffn in halves:
+            for name, half in (("attention", attention), ("ffn", ffn)):
+                t0 = time.perf_counter()
+                x = x + half(x)
+                mx.eval(x)
+                row[name] += time.perf_counter() - t0
+        if isinstance(model, Model):
+            t0 = time.perf_counter()
+            memory = model.cross_decoder.memory(x, cache[n], cache[n + 1] if model.args.sparse else None, offset)
+            mx.eval(memory.keys, memory.values, [c.state for c in cache[n:]])
+            row["shared K/V + index keys"] = time.perf_counter() - t0
+        runs.append(row)
+    return {k: float(np.median([r[k] for r in runs[1:]])) * 1e3 for k in runs[0]}
+
+
 def plot(path: Path):
     import matplotlib
 
@@ -141,6 +185,8 @@ def main():
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--prefill", type=int, default=0, help="also time an N-token prefill (0: none)")
     p.add_argument("--prefill-step", type=int, default=2048)
+    p.add_argument("--prefill-breakdown", type=int, default=0,
+                   help="also time one --prefill-step chunk over a cache of N tokens, part by part (0: none)")
     p.add_argument("--variants", nargs="+", choices=["unfused", "fused", "compiled"], default=["fused"],
                    help="YOCO/CLSA: separate projections, stacked ones (what load() gives), stacked + compiled decode blocks")
     p.add_argument("--reps", type=int, default=1, help="measurements per variant, in turns")
@@ -170,6 +216,9 @@ def main():
             loaded = sum(weights_bytes(m) for m in {id(m): m for m in models.values()}.values())
             pre = dict(prefill=args.prefill, prefill_step=args.prefill_step, prefill_tps=tps,
                        prefill_peak_over_weights_gb=(peak - loaded) / 1e9)
+        if args.prefill_breakdown:
+            pre["prefill_breakdown_ms"] = prefill_breakdown(models[variants[-1]], args.prefill_breakdown,
+                                                            args.prefill_step)
         for context in args.contexts:
             runs = {v: [] for v in variants}
             for _ in range(args.reps):  # variants in turns, so drift hits all alike

@@ -59,6 +59,10 @@ def test_profile_step_micro(tmp_path, monkeypatch):
             assert math.isfinite(row[k]) and row[k] > 0, k
         assert row["ops"] > 0
     assert mx.allclose(outs[False], outs[True], atol=1e-2).item()
+    for m in (model, bench_models.build("transformer", bench_models.CONFIGS["micro"], bits=0)):
+        parts = profile_step.prefill_breakdown(m, 100, chunk=40, reps=1)
+        assert parts["step (one eval)"] > 0 and parts["attention"] > 0 and parts["ffn"] > 0
+        assert (parts["shared K/V + index keys"] > 0) == (m is model)
     switch.restore()
     assert DecoderLayer.__call__ is eager
     out = tmp_path / "p.jsonl"
