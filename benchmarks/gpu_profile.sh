@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Where a paper-4b step's time goes on the GPU box (MLX CUDA installed). Run 3, for the next
-# session: one 2048-token prefill chunk over a 128K cache, part by part (CLSA prefills at ~15% of
-# the bf16 rate, cause unknown), with MLX's default SDPA dispatch and with cuDNN SDPA off (MLX
-# reads the knob once per process). Runs 1-2 (decode) are in git, see benchmarks/results/README.md.
+# session: one 2048-token prefill chunk over a 128K cache, part by part, and the 32K prefill (CLSA
+# prefilled at ~15% of the bf16 rate in session 3, cause unknown): window attention in query blocks
+# (the default since session 3), as one masked SDPA call, and blocks with cuDNN SDPA off (each
+# setting its own process: MLX reads its knobs once). Runs 1-2 (decode) are in git, see
+# benchmarks/results/README.md.
 #   bash benchmarks/gpu_profile.sh -> $OUT/profile_step.jsonl, profile.log
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -10,6 +12,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 P="timeout 280 python3 benchmarks/profile_step.py --config paper-4b --steps 16 --contexts 8192 --out $OUT/profile_step.jsonl"
 {
-$P --prefill-breakdown 131072 --tag prefill-breakdown
-MLX_CUDA_USE_CUDNN_SDPA=0 $P --archs yoco clsa --prefill-breakdown 131072 --tag prefill-breakdown-no-cudnn
+$P --prefill-breakdown 131072 --prefill 32768 --tag window-blocks
+CLSA_MLX_WINDOW_BLOCKS=0 $P --archs yoco clsa --prefill-breakdown 131072 --prefill 32768 --tag window-one-call
+MLX_CUDA_USE_CUDNN_SDPA=0 $P --archs yoco clsa --prefill-breakdown 131072 --prefill 32768 --tag window-blocks-no-cudnn
 } 2>&1 | tee "$OUT/profile.log"

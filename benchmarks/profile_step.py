@@ -196,7 +196,7 @@ def main():
     args = p.parse_args()
     if args.plot:
         return plot(args.plot)
-    env = {k: v for k, v in os.environ.items() if k.startswith("MLX_")}
+    env = {k: v for k, v in os.environ.items() if k.startswith(("MLX_", "CLSA_MLX_"))}
     for arch in args.archs:
         variants = ["-"] if arch == "transformer" else args.variants
         models, switch = {}, None

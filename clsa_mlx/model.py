@@ -10,6 +10,7 @@ from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 from .config import ModelArgs
 from .retention import gated_retention
 from .sparse import route, select_kv, sparse_attention
+from .window import window_attention
 
 
 class RoPE(nn.Module):
@@ -88,6 +89,7 @@ class SlidingWindowAttention(nn.Module):
         super().__init__()
         self.head_dim = hd = args.self_head_dim
         self.n_heads, self.n_kv_heads = args.n_self_heads, args.n_self_kv_heads
+        self.window = args.sliding_window
         self.scale = hd**-0.5
         self.q_proj = nn.Linear(args.dim, self.n_heads * hd, bias=False)
         self.k_proj = nn.Linear(args.dim, self.n_kv_heads * hd, bias=False)
@@ -113,7 +115,7 @@ class SlidingWindowAttention(nn.Module):
         q = self.rope(q.transpose(0, 2, 1, 3), offset)
         k = self.rope(k.transpose(0, 2, 1, 3), offset)
         k, v = cache.update_and_fetch(k, v)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        o = window_attention(q, k, v, self.scale, self.window, mask)
         return self.out_proj(merge_heads(o))
 
     def fuse(self):
