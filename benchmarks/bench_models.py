@@ -135,6 +135,12 @@ def prefill_tps(model, context: int, step: int = 2048):
     return context / (time.perf_counter() - t0), mx.get_peak_memory()
 
 
+def warm_prefill(model, step: int, longest: int):
+    """JIT every chunk shape before any figure: full chunks, then a last step of 1 and of a full chunk."""
+    for n in (2 * step + 1, 2 * step):
+        prefill_tps(model, min(n, longest), step)
+
+
 def decode_bytes(model, arch, c, context, cache_bytes):
     """Bytes one decode step must read: weights (one embedding row) plus the cache it attends to."""
     weights = weights_bytes(model, embedding=False)
@@ -181,9 +187,8 @@ def run(config: str, contexts, bits: int, steps: int, prefill_max: int, transfor
     c = CONFIGS[config]
     bw = copy_bandwidth(10, log2_bytes=30 if config == "paper-4b" else 24)[0] * 1e9
     models = {arch: build(arch, c, bits) for arch in ARCHS}
-    for model in models.values():  # JIT before any figure: full chunks, then a last step of 1 and of a full chunk
-        for n in (2 * prefill_step + 1, 2 * prefill_step):
-            prefill_tps(model, min(n, contexts[0]), prefill_step)
+    for model in models.values():
+        warm_prefill(model, prefill_step, contexts[0])
     rows = []
     # peak figures include the other resident models: subtract their weights for a model's own
     results = dict(config=config, model=c, bits=bits or 16, copy_bandwidth_gbs=bw / 1e9, reps=reps, steps=steps,

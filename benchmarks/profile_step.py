@@ -33,7 +33,9 @@ import numpy as np  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models.base import create_attention_mask  # noqa: E402
 
-from benchmarks.bench_models import ARCHS, CONFIGS, build, filled_cache, prefill_tps, weights_bytes  # noqa: E402
+from benchmarks.bench_models import (  # noqa: E402
+    ARCHS, CONFIGS, build, filled_cache, prefill_tps, warm_prefill, weights_bytes,
+)
 from benchmarks.common import machine  # noqa: E402
 from clsa_mlx import Model  # noqa: E402
 from clsa_mlx.model import DecoderLayer, Memory  # noqa: E402
@@ -210,8 +212,7 @@ def main():
         pre = {}
         if args.prefill:
             model = models[variants[-1]]
-            for n in (2 * args.prefill_step + 1, 2 * args.prefill_step):  # JIT every chunk shape first
-                prefill_tps(model, n, args.prefill_step)
+            warm_prefill(model, args.prefill_step, args.prefill)
             tps, peak = prefill_tps(model, args.prefill, args.prefill_step)
             loaded = sum(weights_bytes(m) for m in {id(m): m for m in models.values()}.values())
             pre = dict(prefill=args.prefill, prefill_step=args.prefill_step, prefill_tps=tps,

@@ -1,4 +1,4 @@
-"""The README's efficiency table from bench_models JSON files, with the issue's targets.
+"""The README's efficiency table from bench_models JSON files: decode, ratios, roofline, prefill, memory.
 
     python benchmarks/summarize_models.py benchmarks/results/bench_models_paper-4b_16bit.json ...
 

@@ -15,13 +15,13 @@ from clsa_mlx.tiny import make_tiny_folder
 
 pexpect = pytest.importorskip("pexpect")
 ROOT = Path(__file__).resolve().parents[1]
+STATS = r"\[prompt \d+ tok"
 
 
 def default_sigint():
     # A test run started in the background (`cmd &` in a script) inherits SIGINT ignored, and so
     # would the chat; a user's terminal has the default.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-STATS = r"\[prompt \d+ tok"
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,10 @@
 """The model that ships inside the package: found from the installed package, answers a
 retrieval question, and its cached decoding equals uncached evaluation."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
-
-import math
 
 import mlx.core as mx
 
