@@ -10,7 +10,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache, trim_prompt_cache
 
-from .generate import context_used, stream_generate
+from .generate import context_used, prefill, stream_generate
 
 PREFILL_STEP = 2048
 SENTINEL = "\x00QUESTION\x00"
@@ -109,12 +109,7 @@ class Conversation:
 
     def _prefill(self, ids: list, progress=None):
         self.model.reserve(self.cache, len(ids))
-        step = self.prefill_step
-        for start in range(0, len(ids), step):
-            self.model(mx.array(ids[start:start + step])[None], cache=self.cache)
-            mx.eval([c.state for c in self.cache])
-            if progress:
-                progress(min(start + step, len(ids)), len(ids))
+        prefill(self.model, ids, self.cache, self.prefill_step, progress)
 
     def add_document(self, path: str, progress=None):
         text = read_document(path)

@@ -25,6 +25,17 @@ def context_used(model, prompt_cache) -> int:
     return prompt_cache[len(model.self_decoder.layers)].offset if prompt_cache else 0
 
 
+def prefill(model, tokens, cache, step: int = 2048, progress=None):
+    """Run `tokens` into `cache`, `step` at a time. Unlike mlx-lm's loop it keeps MLX's buffer
+    cache between chunks: every chunk needs the same scratch, and freeing it costs a re-allocation."""
+    tokens = mx.array(tokens)
+    for start in range(0, len(tokens), step):
+        model(tokens[start:start + step][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        if progress:
+            progress(min(start + step, len(tokens)), len(tokens))
+
+
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs):
     """Yields mlx-lm `GenerationResponse`s. Refuses a prompt that does not fit the model's
     context (`max_seq_len`) and stops generation at that limit."""

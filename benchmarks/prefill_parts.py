@@ -1,0 +1,107 @@
+"""Where a YOCO/CLSA prompt's time goes: the prefill loop and one window-attention layer.
+
+    python benchmarks/prefill_parts.py --config paper-4b --prompts 32768 131072
+
+- loops: whole-prompt tok/s through mlx-lm's generate_step (which frees MLX's buffer cache after
+  every chunk) and through a loop that keeps it (`clsa_mlx.generate.prefill`), in turns;
+- parts: one self-decoder layer on a full chunk, each part repeated `--iters` times in one eval
+  (the sync amortized): projections, RoPE, window-cache update, window attention in query blocks
+  and as one masked call, cuDNN-eligible SDPA of the same size without a mask, FFN.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx_lm.generate import generate_step  # noqa: E402
+from mlx_lm.models.base import create_attention_mask  # noqa: E402
+
+from benchmarks.bench_models import CONFIGS, build, filled_cache, warm_prefill  # noqa: E402
+from benchmarks.common import machine, timed  # noqa: E402
+from clsa_mlx.generate import prefill  # noqa: E402
+from clsa_mlx.model import split_heads  # noqa: E402
+from clsa_mlx.window import window_attention_blocks, window_attention_ref  # noqa: E402
+
+
+def loop_tps(model, n: int, step: int, keep: bool) -> float:
+    prompt = mx.array(np.random.default_rng(0).integers(0, 200, n))
+    cache = model.make_cache()
+    model.reserve(cache, n + 1)
+    t0 = time.perf_counter()
+    if keep:
+        prefill(model, prompt[:-1], cache, step)
+        prompt = prompt[-1:]
+    for _ in generate_step(prompt, model, max_tokens=1, prompt_cache=cache, prefill_step_size=step):
+        pass
+    return n / (time.perf_counter() - t0)
+
+
+def layer_parts(model, chunk: int, iters: int) -> dict:
+    layer = model.self_decoder.layers[0]
+    a = layer.mixer
+    x = mx.random.normal((1, chunk, model.args.dim)).astype(mx.bfloat16)
+    caches = [filled_cache(model, 8 * a.window)[0] for _ in range(2 * iters + 8)]
+    mask = create_attention_mask(x, caches[0], window_size=a.window)
+    h = layer.mixer_layer_norm(x)
+    q_end, k_end = a.n_heads * a.head_dim, (a.n_heads + a.n_kv_heads) * a.head_dim
+    q, k, v = mx.split(a.qkv_proj(h), (q_end, k_end), axis=-1)
+    q = a.rope(a.q_norm(split_heads(q, a.n_heads)).transpose(0, 2, 1, 3), 0)
+    k = a.rope(a.k_norm(split_heads(k, a.n_kv_heads)).transpose(0, 2, 1, 3), 0)
+    v = split_heads(v, a.n_kv_heads).transpose(0, 2, 1, 3)
+    kw, vw = caches[-1].update_and_fetch(k, v)
+    mx.eval(h, q, k, v, kw, vw)
+    spare = iter(caches[:-1])
+    parts = {
+        "norm + qkv": lambda: a.qkv_proj(layer.mixer_layer_norm(x)),
+        "q/k norm + rope": lambda: (a.rope(a.q_norm(q.transpose(0, 2, 1, 3)), 0), a.rope(a.k_norm(k), 0)),
+        "window cache update": lambda: next(spare).update_and_fetch(k, v),
+        "window attention, blocks": lambda: window_attention_blocks(q, kw, vw, a.scale, a.window),
+        "window attention, one masked call": lambda: window_attention_ref(q, kw, vw, a.scale, mask),
+        "same-size SDPA, no mask": lambda: mx.fast.scaled_dot_product_attention(q, kw, vw, scale=a.scale),
+        "same-size SDPA, causal": lambda: mx.fast.scaled_dot_product_attention(q, kw, vw, scale=a.scale,
+                                                                              mask="causal"),
+        "out_proj": lambda: a.out_proj(q.transpose(0, 2, 1, 3).reshape(1, chunk, -1)),
+        "norm + FFN": lambda: layer.ffn(layer.final_layer_norm(x)),
+    }
+    return {name: timed(fn, iters)[0] for name, fn in parts.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=CONFIGS, default="cpu-small")
+    p.add_argument("--archs", nargs="+", choices=["yoco", "clsa"], default=["clsa"])
+    p.add_argument("--bits", type=int, choices=[0, 4, 8], default=0)
+    p.add_argument("--prompts", type=int, nargs="+", default=[8192])
+    p.add_argument("--prefill-step", type=int, default=2048)
+    p.add_argument("--reps", type=int, default=2, help="measurements per loop, in turns")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--tag", default="default")
+    p.add_argument("--out", type=Path, help="append the result (JSON lines)")
+    args = p.parse_args()
+    for arch in args.archs:
+        model = build(arch, CONFIGS[args.config], args.bits)
+        row = dict(tag=args.tag, config=args.config, bits=args.bits or 16, arch=arch, prefill_step=args.prefill_step,
+                   layer_parts_ms=layer_parts(model, args.prefill_step, args.iters), loops={})
+        print(json.dumps(row["layer_parts_ms"]), flush=True)
+        warm_prefill(model, args.prefill_step, max(args.prompts))
+        for n in args.prompts:
+            runs = {"mlx-lm generate_step": [], "keep buffers": []}
+            for _ in range(args.reps):
+                for name in runs:
+                    runs[name].append(loop_tps(model, n, args.prefill_step, keep=name == "keep buffers"))
+            row["loops"][n] = runs
+            print(n, json.dumps(runs), flush=True)
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(json.dumps(dict(row, machine=machine())) + "\n")
+        del model
+
+
+if __name__ == "__main__":
+    main()
