@@ -11,6 +11,7 @@
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from benchmarks.bench_models import CONFIGS, build, filled_cache, warm_prefill  
 from benchmarks.common import machine, timed  # noqa: E402
 from clsa_mlx.generate import prefill  # noqa: E402
 from clsa_mlx.model import split_heads  # noqa: E402
-from clsa_mlx.window import window_attention_blocks, window_attention_ref  # noqa: E402
+from clsa_mlx.window import window_attention_blocks, window_attention_ref, window_attention_square  # noqa: E402
 
 
 def loop_tps(model, n: int, step: int, keep: bool) -> float:
@@ -62,14 +63,19 @@ def layer_parts(model, chunk: int, iters: int) -> dict:
         "q/k norm + rope": lambda: (a.rope(a.q_norm(q.transpose(0, 2, 1, 3)), 0), a.rope(a.k_norm(k), 0)),
         "window cache update": lambda: next(spare).update_and_fetch(k, v),
         "window attention, blocks": lambda: window_attention_blocks(q, kw, vw, a.scale, a.window),
+        "window attention, blocks, square": lambda: window_attention_blocks(q, kw, vw, a.scale, a.window, True),
         "window attention, one masked call": lambda: window_attention_ref(q, kw, vw, a.scale, mask),
+        "window attention, one call, square": lambda: window_attention_square(q, kw, vw, a.scale, mask),
         "same-size SDPA, no mask": lambda: mx.fast.scaled_dot_product_attention(q, kw, vw, scale=a.scale),
         "same-size SDPA, causal": lambda: mx.fast.scaled_dot_product_attention(q, kw, vw, scale=a.scale,
                                                                               mask="causal"),
         "out_proj": lambda: a.out_proj(q.transpose(0, 2, 1, 3).reshape(1, chunk, -1)),
         "norm + FFN": lambda: layer.ffn(layer.final_layer_norm(x)),
     }
-    return {name: timed(fn, iters)[0] for name, fn in parts.items()}
+    ref = window_attention_ref(q, kw, vw, a.scale, mask).astype(mx.float32)
+    errors = {name: mx.abs(fn().astype(mx.float32) - ref).max().item()
+              for name, fn in parts.items() if name.startswith("window attention")}
+    return {name: timed(fn, iters)[0] for name, fn in parts.items()}, errors
 
 
 def main():
@@ -86,9 +92,11 @@ def main():
     args = p.parse_args()
     for arch in args.archs:
         model = build(arch, CONFIGS[args.config], args.bits)
+        parts, errors = layer_parts(model, args.prefill_step, args.iters)
         row = dict(tag=args.tag, config=args.config, bits=args.bits or 16, arch=arch, prefill_step=args.prefill_step,
-                   layer_parts_ms=layer_parts(model, args.prefill_step, args.iters), loops={})
-        print(json.dumps(row["layer_parts_ms"]), flush=True)
+                   env={k: v for k, v in os.environ.items() if k.startswith(("MLX_", "CLSA_MLX_"))},
+                   layer_parts_ms=parts, window_max_abs_error_vs_ref=errors, loops={})
+        print(json.dumps(parts), json.dumps(errors), flush=True)
         warm_prefill(model, args.prefill_step, max(args.prompts))
         for n in args.prompts:
             runs = {"mlx-lm generate_step": [], "keep buffers": []}
