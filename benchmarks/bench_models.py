@@ -7,7 +7,9 @@ Random weights of one configuration, three architectures: mlx-lm's own Llama mod
 would pick instead), dense YOCO and CLSA (clsa_mlx). Per architecture and context:
 - decode tok/s: median step of mlx-lm's generate loop over a cache holding `context` tokens
   (filled with random values: decode cost does not depend on them);
-- prefill tok/s: time to first token for a `context`-token prompt (up to --prefill-max);
+- prefill tok/s: time to first token for a `context`-token prompt (up to --prefill-max) through
+  the app's own prompt loop (mlx-lm's for the Transformer, clsa_mlx's for YOCO/CLSA), and up to
+  128K also through the other one (`prefill_tps_other_loop`);
 - cache bytes (KV + index), peak memory; bytes a decode step must read and the share of the
   measured copy bandwidth that implies (the roofline);
 - for CLSA, where a decode step's time goes (self layers, shared K/V + routing + gather, cross
@@ -35,6 +37,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache  # n
 
 from benchmarks.common import copy_bandwidth, machine  # noqa: E402
 from clsa_mlx import Model, ModelArgs  # noqa: E402
+from clsa_mlx.generate import prefill  # noqa: E402
 
 CONFIGS = {  # the paper's 4B (Table 7/8) and a small one whose ratios show on a CPU
     "paper-4b": dict(dim=2560, n_layers=32, hidden_dim=7680, heads=20, kv_heads=4, window=512, topk=2048,
@@ -45,6 +48,7 @@ CONFIGS = {  # the paper's 4B (Table 7/8) and a small one whose ratios show on a
                   vocab=256),
 }
 ARCHS = ("transformer", "yoco", "clsa")
+OTHER_LOOP_MAX = 1 << 17  # longest prompt also timed through the other app's prompt loop
 
 
 def build(arch: str, c: dict, bits: int, materialize: bool = True, fuse: bool = True):
@@ -123,13 +127,19 @@ def _slack_bytes(cache):
                if isinstance(c, KVCache) and c.keys is not None)
 
 
-def prefill_tps(model, context: int, step: int = 2048):
+def prefill_tps(model, context: int, step: int = 2048, keep=None):
+    """Time to first token. `keep`: the prompt but its last token through clsa_mlx's loop, which
+    keeps MLX's buffer cache between chunks; otherwise all of it through mlx-lm's. Default: the
+    loop each app runs (clsa_mlx's for YOCO/CLSA, mlx-lm's for the Transformer)."""
     prompt = mx.array(np.random.default_rng(0).integers(0, 200, context))
     cache = make_prompt_cache(model)
     if hasattr(model, "reserve"):  # what clsa_mlx.generate does; mlx-lm's Llama grows per chunk
         model.reserve(cache, context + 1)
     mx.reset_peak_memory()
     t0 = time.perf_counter()
+    if isinstance(model, Model) if keep is None else keep:
+        prefill(model, prompt[:-1], cache, step)
+        prompt = prompt[-1:]
     for _ in generate_step(prompt, model, max_tokens=1, prompt_cache=cache, prefill_step_size=step):
         pass
     return context / (time.perf_counter() - t0), mx.get_peak_memory()
@@ -210,6 +220,9 @@ def run(config: str, contexts, bits: int, steps: int, prefill_max: int, transfor
             row["roofline_share"] = row["decode_bytes"] / bw * tps
             if context <= prefill_max:
                 row["prefill_tps"], row["peak_memory"] = prefill_tps(model, context, prefill_step)
+                if context <= OTHER_LOOP_MAX:
+                    keep = not isinstance(model, Model)
+                    row["prefill_tps_other_loop"] = prefill_tps(model, context, prefill_step, keep)[0]
             if arch == "clsa":
                 row["breakdown_ms"] = clsa_breakdown(model, context)
             rows.append(row)

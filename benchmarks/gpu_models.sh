@@ -11,9 +11,9 @@ mkdir -p "$OUT"
 B="python3 benchmarks/bench_models.py --config paper-4b --out-dir $OUT --transformer-max 131072"
 C="--contexts 8192 32768 131072 524288 1048576 --steps 32 --reps 5"
 if [ "$1" = 16 ]; then
-  timeout 290 $B $C 2>&1 | tee "$OUT/bench_16bit.log"
+  timeout 420 $B $C 2>&1 | tee "$OUT/bench_16bit.log"
 else
-  timeout 290 $B $C --bits 4 --prefill-max 1048576 2>&1 | tee "$OUT/bench_4bit.log"
-  timeout 250 $B --bits 4 --contexts 1048576 --prefill-max 1048576 --prefill-step 512 --steps 16 --reps 1 2>&1 \
+  timeout 320 $B $C --bits 4 --prefill-max 1048576 2>&1 | tee "$OUT/bench_4bit.log"
+  timeout 240 $B --bits 4 --contexts 1048576 --prefill-max 1048576 --prefill-step 512 --steps 16 --reps 1 2>&1 \
     | tee "$OUT/bench_4bit_step512.log"
 fi

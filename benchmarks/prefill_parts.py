@@ -3,7 +3,7 @@
     python benchmarks/prefill_parts.py --config paper-4b --prompts 32768 131072
 
 - loops: whole-prompt tok/s through mlx-lm's generate_step (which frees MLX's buffer cache after
-  every chunk) and through a loop that keeps it (`clsa_mlx.generate.prefill`), in turns;
+  every chunk) and through clsa_mlx's loop that keeps it (`bench_models.prefill_tps`), in turns;
 - parts: one self-decoder layer on a full chunk, each part repeated `--iters` times in one eval
   (the sync amortized): projections, RoPE, window-cache update, window attention in query blocks
   and as one masked call, cuDNN-eligible SDPA of the same size without a mask, FFN.
@@ -13,34 +13,17 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models.base import create_attention_mask  # noqa: E402
 
-from benchmarks.bench_models import CONFIGS, build, filled_cache, warm_prefill  # noqa: E402
+from benchmarks.bench_models import CONFIGS, build, filled_cache, prefill_tps, warm_prefill  # noqa: E402
 from benchmarks.common import machine, timed  # noqa: E402
-from clsa_mlx.generate import prefill  # noqa: E402
 from clsa_mlx.model import split_heads  # noqa: E402
-from clsa_mlx.window import window_attention_blocks, window_attention_ref, window_attention_square  # noqa: E402
-
-
-def loop_tps(model, n: int, step: int, keep: bool) -> float:
-    prompt = mx.array(np.random.default_rng(0).integers(0, 200, n))
-    cache = model.make_cache()
-    model.reserve(cache, n + 1)
-    t0 = time.perf_counter()
-    if keep:
-        prefill(model, prompt[:-1], cache, step)
-        prompt = prompt[-1:]
-    for _ in generate_step(prompt, model, max_tokens=1, prompt_cache=cache, prefill_step_size=step):
-        pass
-    return n / (time.perf_counter() - t0)
+from clsa_mlx.window import window_attention_blocks, window_attention_ref  # noqa: E402
 
 
 def layer_parts(model, chunk: int, iters: int) -> dict:
@@ -63,9 +46,7 @@ def layer_parts(model, chunk: int, iters: int) -> dict:
         "q/k norm + rope": lambda: (a.rope(a.q_norm(q.transpose(0, 2, 1, 3)), 0), a.rope(a.k_norm(k), 0)),
         "window cache update": lambda: next(spare).update_and_fetch(k, v),
         "window attention, blocks": lambda: window_attention_blocks(q, kw, vw, a.scale, a.window),
-        "window attention, blocks, square": lambda: window_attention_blocks(q, kw, vw, a.scale, a.window, True),
         "window attention, one masked call": lambda: window_attention_ref(q, kw, vw, a.scale, mask),
-        "window attention, one call, square": lambda: window_attention_square(q, kw, vw, a.scale, mask),
         "same-size SDPA, no mask": lambda: mx.fast.scaled_dot_product_attention(q, kw, vw, scale=a.scale),
         "same-size SDPA, causal": lambda: mx.fast.scaled_dot_product_attention(q, kw, vw, scale=a.scale,
                                                                               mask="causal"),
@@ -102,7 +83,7 @@ def main():
             runs = {"mlx-lm generate_step": [], "keep buffers": []}
             for _ in range(args.reps):
                 for name in runs:
-                    runs[name].append(loop_tps(model, n, args.prefill_step, keep=name == "keep buffers"))
+                    runs[name].append(prefill_tps(model, n, args.prefill_step, keep=name == "keep buffers")[0])
             row["loops"][n] = runs
             print(n, json.dumps(runs), flush=True)
         if args.out:

@@ -1,8 +1,12 @@
-"""`generate` / `stream_generate`: mlx-lm's loop and arguments, plus the model's context limit."""
+"""`generate` / `stream_generate`: mlx-lm's loop and arguments, plus the model's context limit
+and a prompt loop that keeps its scratch buffers."""
 
+import time
+from dataclasses import replace
 from typing import List, Union
 
 import mlx.core as mx
+from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.generate import stream_generate as _mlx_lm_stream_generate
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -29,16 +33,18 @@ def prefill(model, tokens, cache, step: int = 2048, progress=None):
     """Run `tokens` into `cache`, `step` at a time. Unlike mlx-lm's loop it keeps MLX's buffer
     cache between chunks: every chunk needs the same scratch, and freeing it costs a re-allocation."""
     tokens = mx.array(tokens)
-    for start in range(0, len(tokens), step):
-        model(tokens[start:start + step][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        if progress:
-            progress(min(start + step, len(tokens)), len(tokens))
+    with mx.stream(generation_stream):
+        for start in range(0, len(tokens), step):
+            model(tokens[start:start + step][None], cache=cache)
+            mx.eval([c.state for c in cache])
+            if progress:
+                progress(min(start + step, len(tokens)), len(tokens))
 
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs):
     """Yields mlx-lm `GenerationResponse`s. Refuses a prompt that does not fit the model's
-    context (`max_seq_len`) and stops generation at that limit."""
+    context (`max_seq_len`) and stops generation at that limit. The prompt but its last token
+    goes through `prefill`; mlx-lm's loop takes it from there."""
     if kwargs.get("kv_bits"):
         raise ValueError("kv_bits: KV-cache quantization is not supported for CLSA/YOCO caches")
     if not isinstance(tokenizer, TokenizerWrapper):
@@ -55,7 +61,17 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs):
         room = limit - used
         max_tokens = room if max_tokens < 0 else min(max_tokens, room)
     model.reserve(cache, len(tokens) + (min(max_tokens, RESERVE_MAX) if max_tokens > 0 else RESERVE_MAX))
-    yield from _mlx_lm_stream_generate(model, tokenizer, tokens, max_tokens, **kwargs)
+    head, tail = tokens[:-1], tokens[-1:]
+    progress = kwargs.pop("prompt_progress_callback", None) or (lambda *_: None)
+    t0 = time.perf_counter()
+    if head:
+        with wired_limit(model, [generation_stream]):
+            prefill(model, head, cache, kwargs.get("prefill_step_size", 2048),
+                    lambda done, _: progress(done, len(tokens)))
+    head_s = time.perf_counter() - t0
+    kwargs["prompt_progress_callback"] = lambda done, _: progress(len(head) + done, len(tokens))
+    for r in _mlx_lm_stream_generate(model, tokenizer, tail, max_tokens, **kwargs):
+        yield replace(r, prompt_tokens=len(tokens), prompt_tps=len(tokens) / (head_s + r.prompt_tokens / r.prompt_tps))
 
 
 def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:

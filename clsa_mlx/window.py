@@ -1,7 +1,7 @@
 """Sliding-window attention of a prompt chunk: the reference (one SDPA call with mlx-lm's band
 mask) and the same result in query blocks. Keys arrive in temporal order: the chunk's L keys
 after at most `window - 1` earlier ones, as mlx-lm's RotatingKVCache returns them.
-CLSA_MLX_WINDOW={blocks,square,blocks-square,ref} in the environment picks the form.
+CLSA_MLX_WINDOW_BLOCKS=0 in the environment forces the reference.
 """
 
 import os
@@ -13,49 +13,31 @@ def window_attention_ref(q, k, v, scale: float, mask):
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
-def pad_rows(a, before, after=0, value=0):
-    return mx.pad(a, [(0, 0)] * (a.ndim - 2) + [(before, after), (0, 0)], constant_values=value)
-
-
-def window_attention_square(q, k, v, scale: float, mask):
-    """The reference with dummy query rows in front so queries and keys are equally many:
-    MLX's CUDA backend sends an array-masked SDPA to cuDNN only then."""
-    extra = k.shape[2] - q.shape[2]
-    o = window_attention_ref(pad_rows(q, extra), k, v, scale, pad_rows(mask, extra, value=True))
-    return o[:, :, extra:]
-
-
-def window_attention_blocks(q, k, v, scale: float, window: int, square: bool = False):
+def window_attention_blocks(q, k, v, scale: float, window: int):
     """Query blocks of `window` rows, each over its own 2 * window - 1 keys: L * (2w - 1) scores
     instead of L * (L + w - 1) (2.5x fewer for 2048-token chunks and w = 512)."""
     B, H, L, hd = q.shape
     w, n = window, -(-L // window)
     front = w - 1 - (k.shape[2] - L)  # earlier keys short of a full window (start of the text)
 
+    def pad(a, before, after):
+        return mx.pad(a, [(0, 0), (0, 0), (before, after), (0, 0)])
+
     def spans(a):  # block b reads padded keys [b*w, b*w + 2w - 1)
-        a = pad_rows(a, front, n * w - L)
+        a = pad(a, front, n * w - L)
         return mx.stack([a[:, :, b * w : b * w + 2 * w - 1] for b in range(n)], axis=1).reshape(B * n, -1, 2 * w - 1, hd)
 
-    q = pad_rows(q, 0, n * w - L).reshape(B, H, n, w, hd).transpose(0, 2, 1, 3, 4).reshape(B * n, H, w, hd)
+    q = pad(q, 0, n * w - L).reshape(B, H, n, w, hd).transpose(0, 2, 1, 3, 4).reshape(B * n, H, w, hd)
     r, t = mx.arange(w)[:, None], mx.arange(2 * w - 1)[None]
     valid = (mx.arange(n)[:, None, None] * w + t) >= front
     mask = mx.broadcast_to(((t >= r) & (t < r + w) & valid)[None, :, None], (B, n, 1, w, 2 * w - 1))
-    mask = mask.reshape(B * n, 1, w, -1)
-    if square:
-        o = window_attention_square(q, spans(k), spans(v), scale, mask)
-    else:
-        o = mx.fast.scaled_dot_product_attention(q, spans(k), spans(v), scale=scale, mask=mask)
+    o = mx.fast.scaled_dot_product_attention(q, spans(k), spans(v), scale=scale, mask=mask.reshape(B * n, 1, w, -1))
     return o.reshape(B, n, H, w, hd).transpose(0, 2, 1, 3, 4).reshape(B, H, n * w, hd)[:, :, :L]
 
 
 def window_attention(q, k, v, scale: float, window: int, mask):
     """`mask` is mlx-lm's for the chunk: None (one row), "causal" (the chunk and its past fit one
     window) or the band array; only the last needs blocks, and only past one window of rows."""
-    form = os.environ.get("CLSA_MLX_WINDOW", "blocks")
-    if not isinstance(mask, mx.array) or form == "ref":
-        return window_attention_ref(q, k, v, scale, mask)
-    if form == "square":
-        return window_attention_square(q, k, v, scale, mask)
-    if q.shape[2] > window:
-        return window_attention_blocks(q, k, v, scale, window, square=form == "blocks-square")
+    if isinstance(mask, mx.array) and q.shape[2] > window and os.environ.get("CLSA_MLX_WINDOW_BLOCKS", "1") != "0":
+        return window_attention_blocks(q, k, v, scale, window)
     return window_attention_ref(q, k, v, scale, mask)

@@ -10,7 +10,8 @@ def test_bench_models_micro(tmp_path):
     rows = {(r["arch"], r["context"]): r for r in results["rows"]}
     assert set(rows) == {(a, c) for a in bench_models.ARCHS for c in (48, 200)}
     for r in rows.values():
-        assert r["decode_tps"] > 0 and r["prefill_tps"] > 0 and 0 < r["roofline_share"]
+        assert r["decode_tps"] > 0 and r["prefill_tps"] > 0 and r["prefill_tps_other_loop"] > 0
+        assert 0 < r["roofline_share"]
         assert r["decode_peak_memory"] > r["cache_bytes"]
     # the shared cache: YOCO/CLSA hold one global K/V, the Transformer one per layer
     assert rows[("yoco", 200)]["cache_bytes"] < rows[("transformer", 200)]["cache_bytes"]
@@ -78,3 +79,19 @@ def test_profile_step_micro(tmp_path, monkeypatch):
         rows[("yoco", "unfused")]["ops"] - rows[("yoco", "fused")]["ops"]
     subprocess.run([sys.executable, "benchmarks/profile_step.py", "--plot", str(out)], check=True)
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_prefill_parts_micro(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.jsonl"
+    subprocess.run([sys.executable, "benchmarks/prefill_parts.py", "--config", "micro", "--archs", "yoco", "clsa",
+                    "--prompts", "100", "--prefill-step", "40", "--iters", "2", "--reps", "1", "--out", str(out)],
+                   check=True, capture_output=True)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["arch"] for r in rows] == ["yoco", "clsa"]
+    for r in rows:
+        assert all(v > 0 for v in r["layer_parts_ms"].values()) and len(r["layer_parts_ms"]) == 9
+        assert all(e < 0.05 for e in r["window_max_abs_error_vs_ref"].values())  # bf16, blocks vs one call
+        assert all(v[0] > 0 for v in r["loops"]["100"].values()) and len(r["loops"]["100"]) == 2

@@ -128,3 +128,21 @@ def test_sampler_and_logits_processors_pass_through(loaded):
                         logits_processors=[processor])
     # mlx-lm's loop computes one step ahead, so the processor sees the last token too
     assert len(out) == 5 and len(seen) == 6
+
+
+def test_chunked_prefill_matches_mlx_lm_loop_and_reports_progress(loaded):
+    from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+
+    model, tokenizer = loaded
+    prompt = tokenizer.encode("A long document about routing and windows. " * 3)
+    seen = []
+    ours = list(clsa_mlx.stream_generate(model, tokenizer, prompt, max_tokens=8, prefill_step_size=8,
+                                         prompt_progress_callback=lambda done, total: seen.append((done, total))))
+    cache = model.make_cache()
+    model.reserve(cache, len(prompt) + 8)
+    theirs = list(mlx_lm_stream_generate(model, tokenizer, prompt, max_tokens=8, prefill_step_size=8,
+                                         prompt_cache=cache))
+    assert [r.token for r in ours] == [r.token for r in theirs]
+    assert ours[-1].prompt_tokens == len(prompt) and ours[-1].prompt_tps > 0
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1] == (len(prompt), len(prompt))
+    assert {t for _, t in seen} == {len(prompt)} and (8, len(prompt)) in seen

@@ -35,6 +35,6 @@ def test_dispatch_uses_blocks_only_past_one_window_of_rows(monkeypatch):
     assert len(calls) == 1
     window_attention(q, k, v, 0.25, 9, mask)  # rows fit one window
     window_attention(q, k, v, 0.25, 4, "causal")
-    monkeypatch.setitem(os.environ, "CLSA_MLX_WINDOW", "ref")
+    monkeypatch.setitem(os.environ, "CLSA_MLX_WINDOW_BLOCKS", "0")
     window_attention(q, k, v, 0.25, 4, mask)
     assert len(calls) == 1
