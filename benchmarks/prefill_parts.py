@@ -32,26 +32,38 @@ def layer_parts(model, chunk: int, iters: int) -> dict:
     x = mx.random.normal((1, chunk, model.args.dim)).astype(mx.bfloat16)
     caches = [filled_cache(model, 8 * a.window)[0] for _ in range(2 * iters + 8)]
     mask = create_attention_mask(x, caches[0], window_size=a.window)
-    h = layer.mixer_layer_norm(x)
     q_end, k_end = a.n_heads * a.head_dim, (a.n_heads + a.n_kv_heads) * a.head_dim
-    q, k, v = mx.split(a.qkv_proj(h), (q_end, k_end), axis=-1)
-    q = a.rope(a.q_norm(split_heads(q, a.n_heads)).transpose(0, 2, 1, 3), 0)
-    k = a.rope(a.k_norm(split_heads(k, a.n_kv_heads)).transpose(0, 2, 1, 3), 0)
-    v = split_heads(v, a.n_kv_heads).transpose(0, 2, 1, 3)
+
+    def pre(x):  # the window attention's steps before its cache
+        q, k, v = mx.split(a.qkv_proj(layer.mixer_layer_norm(x)), (q_end, k_end), axis=-1)
+        q = a.rope(a.q_norm(split_heads(q, a.n_heads)).transpose(0, 2, 1, 3), 0)
+        k = a.rope(a.k_norm(split_heads(k, a.n_kv_heads)).transpose(0, 2, 1, 3), 0)
+        return q, k, split_heads(v, a.n_kv_heads).transpose(0, 2, 1, 3)
+
+    q, k, v = pre(x)
     kw, vw = caches[-1].update_and_fetch(k, v)
-    mx.eval(h, q, k, v, kw, vw)
+    mx.eval(q, k, v, kw, vw)
     spare = iter(caches[:-1])
+    compiled_blocks = mx.compile(lambda q, k, v: window_attention_blocks(q, k, v, a.scale, a.window))
+    compiled_rope = mx.compile(lambda q, k: (a.rope(a.q_norm(q.transpose(0, 2, 1, 3)), 0), a.rope(a.k_norm(k), 0)))
+    ffn = lambda x: layer.ffn(layer.final_layer_norm(x))  # noqa: E731
+    compiled_pre, compiled_ffn = mx.compile(pre), mx.compile(ffn)
     parts = {
         "norm + qkv": lambda: a.qkv_proj(layer.mixer_layer_norm(x)),
+        "norm + qkv + q/k norm + rope": lambda: pre(x),
+        "norm + qkv + q/k norm + rope, compiled": lambda: compiled_pre(x),
         "q/k norm + rope": lambda: (a.rope(a.q_norm(q.transpose(0, 2, 1, 3)), 0), a.rope(a.k_norm(k), 0)),
+        "q/k norm + rope, compiled": lambda: compiled_rope(q, k),
         "window cache update": lambda: next(spare).update_and_fetch(k, v),
         "window attention, blocks": lambda: window_attention_blocks(q, kw, vw, a.scale, a.window),
+        "window attention, blocks, compiled": lambda: compiled_blocks(q, kw, vw),
         "window attention, one masked call": lambda: window_attention_ref(q, kw, vw, a.scale, mask),
         "same-size SDPA, no mask": lambda: mx.fast.scaled_dot_product_attention(q, kw, vw, scale=a.scale),
         "same-size SDPA, causal": lambda: mx.fast.scaled_dot_product_attention(q, kw, vw, scale=a.scale,
                                                                               mask="causal"),
         "out_proj": lambda: a.out_proj(q.transpose(0, 2, 1, 3).reshape(1, chunk, -1)),
-        "norm + FFN": lambda: layer.ffn(layer.final_layer_norm(x)),
+        "norm + FFN": lambda: ffn(x),
+        "norm + FFN, compiled": lambda: compiled_ffn(x),
     }
     ref = window_attention_ref(q, kw, vw, a.scale, mask).astype(mx.float32)
     errors = {name: mx.abs(fn().astype(mx.float32) - ref).max().item()

@@ -92,6 +92,6 @@ def test_prefill_parts_micro(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["arch"] for r in rows] == ["yoco", "clsa"]
     for r in rows:
-        assert all(v > 0 for v in r["layer_parts_ms"].values()) and len(r["layer_parts_ms"]) == 9
+        assert all(v > 0 for v in r["layer_parts_ms"].values()) and len(r["layer_parts_ms"]) == 14
         assert all(e < 0.05 for e in r["window_max_abs_error_vs_ref"].values())  # bf16, blocks vs one call
         assert all(v[0] > 0 for v in r["loops"]["100"].values()) and len(r["loops"]["100"]) == 2
