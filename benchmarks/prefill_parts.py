@@ -23,7 +23,9 @@ from mlx_lm.models.base import create_attention_mask  # noqa: E402
 from benchmarks.bench_models import CONFIGS, build, filled_cache, prefill_tps, warm_prefill  # noqa: E402
 from benchmarks.common import machine, timed  # noqa: E402
 from clsa_mlx.model import split_heads  # noqa: E402
-from clsa_mlx.window import window_attention_blocks, window_attention_ref  # noqa: E402
+from clsa_mlx.window import (  # noqa: E402
+    window_attention_blocks, window_attention_blocks_compiled, window_attention_ref,
+)
 
 
 def layer_parts(model, chunk: int, iters: int) -> dict:
@@ -44,7 +46,6 @@ def layer_parts(model, chunk: int, iters: int) -> dict:
     kw, vw = caches[-1].update_and_fetch(k, v)
     mx.eval(q, k, v, kw, vw)
     spare = iter(caches[:-1])
-    compiled_blocks = mx.compile(lambda q, k, v: window_attention_blocks(q, k, v, a.scale, a.window))
     compiled_rope = mx.compile(lambda q, k: (a.rope(a.q_norm(q.transpose(0, 2, 1, 3)), 0), a.rope(a.k_norm(k), 0)))
     ffn = lambda x: layer.ffn(layer.final_layer_norm(x))  # noqa: E731
     compiled_pre, compiled_ffn = mx.compile(pre), mx.compile(ffn)
@@ -56,7 +57,7 @@ def layer_parts(model, chunk: int, iters: int) -> dict:
         "q/k norm + rope, compiled": lambda: compiled_rope(q, k),
         "window cache update": lambda: next(spare).update_and_fetch(k, v),
         "window attention, blocks": lambda: window_attention_blocks(q, kw, vw, a.scale, a.window),
-        "window attention, blocks, compiled": lambda: compiled_blocks(q, kw, vw),
+        "window attention, blocks, compiled": lambda: window_attention_blocks_compiled(q, kw, vw, a.scale, a.window),
         "window attention, one masked call": lambda: window_attention_ref(q, kw, vw, a.scale, mask),
         "same-size SDPA, no mask": lambda: mx.fast.scaled_dot_product_attention(q, kw, vw, scale=a.scale),
         "same-size SDPA, causal": lambda: mx.fast.scaled_dot_product_attention(q, kw, vw, scale=a.scale,

@@ -35,9 +35,14 @@ def window_attention_blocks(q, k, v, scale: float, window: int):
     return o.reshape(B, n, H, w, hd).transpose(0, 2, 1, 3, 4).reshape(B, H, n * w, hd)[:, :, :L]
 
 
+# One fused graph per chunk shape: the blocks' padding, spans and mask are ~20 small ops that
+# otherwise launch one by one (1.6x faster on the H200, benchmarks/results/prefill_parts_run6).
+window_attention_blocks_compiled = mx.compile(window_attention_blocks)
+
+
 def window_attention(q, k, v, scale: float, window: int, mask):
     """`mask` is mlx-lm's for the chunk: None (one row), "causal" (the chunk and its past fit one
     window) or the band array; only the last needs blocks, and only past one window of rows."""
     if isinstance(mask, mx.array) and q.shape[2] > window and os.environ.get("CLSA_MLX_WINDOW_BLOCKS", "1") != "0":
-        return window_attention_blocks(q, k, v, scale, window)
+        return window_attention_blocks_compiled(q, k, v, scale, window)
     return window_attention_ref(q, k, v, scale, mask)

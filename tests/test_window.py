@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from mlx_lm.models.base import create_causal_mask
 
-from clsa_mlx.window import window_attention, window_attention_blocks, window_attention_ref
+from clsa_mlx.window import (
+    window_attention, window_attention_blocks, window_attention_blocks_compiled, window_attention_ref,
+)
 
 
 def case(L, earlier, window, H=4, Hkv=2, hd=16, B=2, dtype=mx.float32, seed=0):
@@ -22,14 +24,15 @@ def case(L, earlier, window, H=4, Hkv=2, hd=16, B=2, dtype=mx.float32, seed=0):
 def test_blocks_equal_one_masked_call(L, earlier, window, dtype, tol):
     q, k, v, mask = case(L, earlier, window, dtype=dtype)
     want = window_attention_ref(q, k, v, 0.25, mask)
-    got = window_attention_blocks(q, k, v, 0.25, window)
-    assert got.shape == want.shape and got.dtype == dtype
-    assert np.abs(np.array(got.astype(mx.float32)) - np.array(want.astype(mx.float32))).max() <= tol
+    for blocks in (window_attention_blocks, window_attention_blocks_compiled):
+        got = blocks(q, k, v, 0.25, window)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert np.abs(np.array(got.astype(mx.float32)) - np.array(want.astype(mx.float32))).max() <= tol
 
 
 def test_dispatch_uses_blocks_only_past_one_window_of_rows(monkeypatch):
     calls = []
-    monkeypatch.setattr("clsa_mlx.window.window_attention_blocks", lambda *a: calls.append(a) or a[0])
+    monkeypatch.setattr("clsa_mlx.window.window_attention_blocks_compiled", lambda *a: calls.append(a) or a[0])
     q, k, v, mask = case(9, 3, 4)
     window_attention(q, k, v, 0.25, 4, mask)
     assert len(calls) == 1
