@@ -24,10 +24,24 @@ def case(L, earlier, window, H=4, Hkv=2, hd=16, B=2, dtype=mx.float32, seed=0):
 def test_blocks_equal_one_masked_call(L, earlier, window, dtype, tol):
     q, k, v, mask = case(L, earlier, window, dtype=dtype)
     want = window_attention_ref(q, k, v, 0.25, mask)
+    # MLX CUDA's one masked call is itself off by ~1e-3 in fp32 for some shapes: judge both by a
+    # float64 oracle and let the blocks be no further from it than the reference (+ tol)
+    exact = oracle(q, k, v, 0.25, mask)
+    slack = np.abs(np.array(want.astype(mx.float32)) - exact).max()
     for blocks in (window_attention_blocks, window_attention_blocks_compiled):
         got = blocks(q, k, v, 0.25, window)
         assert got.shape == want.shape and got.dtype == dtype
-        assert np.abs(np.array(got.astype(mx.float32)) - np.array(want.astype(mx.float32))).max() <= tol
+        assert np.abs(np.array(got.astype(mx.float32)) - np.array(want.astype(mx.float32))).max() <= tol + slack
+        assert np.abs(np.array(got.astype(mx.float32)) - exact).max() <= tol + slack
+
+
+def oracle(q, k, v, scale, mask):
+    q, k, v = (np.array(a.astype(mx.float32), dtype=np.float64) for a in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+    s = np.where(np.array(mask), np.einsum("bhld,bhsd->bhls", q, k) * scale, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhls,bhsd->bhld", p / p.sum(-1, keepdims=True), v)
 
 
 def test_dispatch_uses_blocks_only_past_one_window_of_rows(monkeypatch):
