@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Where a paper-4b step's time goes on the GPU box (MLX CUDA installed). Run 3, for the next
-# session: one 2048-token prefill chunk over a 128K cache, part by part, and the 32K prefill (CLSA
-# prefilled at ~15% of the bf16 rate in session 3, cause unknown): window attention in query blocks
-# (the default since session 3), as one masked SDPA call, and blocks with cuDNN SDPA off (each
-# setting its own process: MLX reads its knobs once). Runs 1-2 (decode) are in git, see
-# benchmarks/results/README.md.
+# Where a paper-4b step's time goes on the GPU box (MLX CUDA installed). Run 3 (session 4,
+# results/profile_step_run3.jsonl): one 2048-token prefill chunk over a 128K cache, part by part,
+# and the 32K prefill: window attention in query blocks, as one masked SDPA call, and blocks with
+# cuDNN SDPA off (each setting its own process: MLX reads its knobs once). Runs 1-2 (decode) are
+# in git, see benchmarks/results/README.md; one layer's parts: benchmarks/prefill_parts.py.
 #   bash benchmarks/gpu_profile.sh -> $OUT/profile_step.jsonl, profile.log
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
