@@ -3,7 +3,8 @@
     python benchmarks/prefill_parts.py --config paper-4b --prompts 32768 131072
 
 - loops: whole-prompt tok/s through mlx-lm's generate_step (which frees MLX's buffer cache after
-  every chunk) and through clsa_mlx's loop that keeps it (`bench_models.prefill_tps`), in turns;
+  every chunk) and through clsa_mlx's loop that keeps it (`bench_models.prefill_tps`), the latter
+  also with the window blocks eager and with the window attention as one masked call, in turns;
 - parts: one self-decoder layer on a full chunk, each part repeated `--iters` times in one eval
   (the sync amortized): projections, RoPE, window-cache update, window attention in query blocks
   and as one masked call, cuDNN-eligible SDPA of the same size without a mask, FFN.
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,6 +24,7 @@ from mlx_lm.models.base import create_attention_mask  # noqa: E402
 
 from benchmarks.bench_models import CONFIGS, build, filled_cache, prefill_tps, warm_prefill  # noqa: E402
 from benchmarks.common import machine, timed  # noqa: E402
+from clsa_mlx import window  # noqa: E402
 from clsa_mlx.model import split_heads  # noqa: E402
 from clsa_mlx.window import (  # noqa: E402
     window_attention_blocks, window_attention_blocks_compiled, window_attention_ref,
@@ -72,6 +75,30 @@ def layer_parts(model, chunk: int, iters: int) -> dict:
     return {name: timed(fn, iters)[0] for name, fn in parts.items()}, errors
 
 
+LOOPS = {  # name: (keep buffers, window form)
+    "mlx-lm generate_step": (False, "compiled blocks"),
+    "keep buffers": (True, "compiled blocks"),
+    "keep buffers, eager blocks": (True, "eager blocks"),
+    "keep buffers, one masked call": (True, "one call"),
+}
+
+
+@contextmanager
+def window_form(form: str):
+    compiled, forced = window.window_attention_blocks_compiled, os.environ.get("CLSA_MLX_WINDOW_BLOCKS")
+    if form == "eager blocks":
+        window.window_attention_blocks_compiled = window.window_attention_blocks
+    if form == "one call":
+        os.environ["CLSA_MLX_WINDOW_BLOCKS"] = "0"
+    try:
+        yield
+    finally:
+        window.window_attention_blocks_compiled = compiled
+        os.environ.pop("CLSA_MLX_WINDOW_BLOCKS", None)
+        if forced is not None:
+            os.environ["CLSA_MLX_WINDOW_BLOCKS"] = forced
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=CONFIGS, default="cpu-small")
@@ -91,12 +118,15 @@ def main():
                    env={k: v for k, v in os.environ.items() if k.startswith(("MLX_", "CLSA_MLX_"))},
                    layer_parts_ms=parts, window_max_abs_error_vs_ref=errors, loops={})
         print(json.dumps(parts), json.dumps(errors), flush=True)
-        warm_prefill(model, args.prefill_step, max(args.prompts))
+        for keep, form in LOOPS.values():
+            with window_form(form):
+                warm_prefill(model, args.prefill_step, max(args.prompts))
         for n in args.prompts:
-            runs = {"mlx-lm generate_step": [], "keep buffers": []}
+            runs = {name: [] for name in LOOPS}
             for _ in range(args.reps):
-                for name in runs:
-                    runs[name].append(prefill_tps(model, n, args.prefill_step, keep=name == "keep buffers")[0])
+                for name, (keep, form) in LOOPS.items():
+                    with window_form(form):
+                        runs[name].append(prefill_tps(model, n, args.prefill_step, keep)[0])
             row["loops"][n] = runs
             print(n, json.dumps(runs), flush=True)
         if args.out:

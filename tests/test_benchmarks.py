@@ -94,4 +94,18 @@ def test_prefill_parts_micro(tmp_path):
     for r in rows:
         assert all(v > 0 for v in r["layer_parts_ms"].values()) and len(r["layer_parts_ms"]) == 14
         assert all(e < 0.05 for e in r["window_max_abs_error_vs_ref"].values())  # bf16, blocks vs one call
-        assert all(v[0] > 0 for v in r["loops"]["100"].values()) and len(r["loops"]["100"]) == 2
+        assert all(v[0] > 0 for v in r["loops"]["100"].values()) and len(r["loops"]["100"]) == 4
+
+
+def test_prefill_parts_window_forms_switch_and_restore():
+    import os
+
+    from benchmarks.prefill_parts import window_form
+    from clsa_mlx import window
+
+    compiled = window.window_attention_blocks_compiled
+    with window_form("eager blocks"):
+        assert window.window_attention_blocks_compiled is window.window_attention_blocks
+    with window_form("one call"):
+        assert os.environ["CLSA_MLX_WINDOW_BLOCKS"] == "0"
+    assert window.window_attention_blocks_compiled is compiled and "CLSA_MLX_WINDOW_BLOCKS" not in os.environ
