@@ -35,29 +35,35 @@ def layer_parts(model, chunk: int, iters: int) -> dict:
     layer = model.self_decoder.layers[0]
     a = layer.mixer
     x = mx.random.normal((1, chunk, model.args.dim)).astype(mx.bfloat16)
+    # timed() calls a part at most 2 * iters + 6 times; each cache update needs a fresh cache
     caches = [filled_cache(model, 8 * a.window)[0] for _ in range(2 * iters + 8)]
     mask = create_attention_mask(x, caches[0], window_size=a.window)
     q_end, k_end = a.n_heads * a.head_dim, (a.n_heads + a.n_kv_heads) * a.head_dim
 
-    def pre(x):  # the window attention's steps before its cache
-        q, k, v = mx.split(a.qkv_proj(layer.mixer_layer_norm(x)), (q_end, k_end), axis=-1)
-        q = a.rope(a.q_norm(split_heads(q, a.n_heads)).transpose(0, 2, 1, 3), 0)
-        k = a.rope(a.k_norm(split_heads(k, a.n_kv_heads)).transpose(0, 2, 1, 3), 0)
-        return q, k, split_heads(v, a.n_kv_heads).transpose(0, 2, 1, 3)
+    def project(x):
+        return mx.split(a.qkv_proj(layer.mixer_layer_norm(x)), (q_end, k_end), axis=-1)
 
+    def norm_rope(q, k):
+        q = a.rope(a.q_norm(split_heads(q, a.n_heads)).transpose(0, 2, 1, 3), 0)
+        return q, a.rope(a.k_norm(split_heads(k, a.n_kv_heads)).transpose(0, 2, 1, 3), 0)
+
+    def pre(x):  # the window attention's steps before its cache
+        q, k, v = project(x)
+        return (*norm_rope(q, k), split_heads(v, a.n_kv_heads).transpose(0, 2, 1, 3))
+
+    qp, kp, _ = project(x)
     q, k, v = pre(x)
     kw, vw = caches[-1].update_and_fetch(k, v)
-    mx.eval(q, k, v, kw, vw)
+    mx.eval(qp, kp, q, k, v, kw, vw)
     spare = iter(caches[:-1])
-    compiled_rope = mx.compile(lambda q, k: (a.rope(a.q_norm(q.transpose(0, 2, 1, 3)), 0), a.rope(a.k_norm(k), 0)))
     ffn = lambda x: layer.ffn(layer.final_layer_norm(x))  # noqa: E731
-    compiled_pre, compiled_ffn = mx.compile(pre), mx.compile(ffn)
+    compiled_norm_rope, compiled_pre, compiled_ffn = mx.compile(norm_rope), mx.compile(pre), mx.compile(ffn)
     parts = {
-        "norm + qkv": lambda: a.qkv_proj(layer.mixer_layer_norm(x)),
+        "norm + qkv": lambda: project(x),
         "norm + qkv + q/k norm + rope": lambda: pre(x),
         "norm + qkv + q/k norm + rope, compiled": lambda: compiled_pre(x),
-        "q/k norm + rope": lambda: (a.rope(a.q_norm(q.transpose(0, 2, 1, 3)), 0), a.rope(a.k_norm(k), 0)),
-        "q/k norm + rope, compiled": lambda: compiled_rope(q, k),
+        "q/k norm + rope": lambda: norm_rope(qp, kp),
+        "q/k norm + rope, compiled": lambda: compiled_norm_rope(qp, kp),
         "window cache update": lambda: next(spare).update_and_fetch(k, v),
         "window attention, blocks": lambda: window_attention_blocks(q, kw, vw, a.scale, a.window),
         "window attention, blocks, compiled": lambda: window_attention_blocks_compiled(q, kw, vw, a.scale, a.window),
