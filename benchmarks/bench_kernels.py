@@ -73,7 +73,7 @@ def main():
             chunk, C = kernels._chunking(T)
             prm = mx.array([T, 1, T - 1, k, chunk, C, 0, 0], dtype=mx.int32)
             fns["route_score_pass"] = lambda: kernels._kernel(be, "route_score")(
-                inputs=[q.reshape(1, D), kidx, prm],
+                inputs=[q.reshape(1, D), kidx, prm, mx.zeros((1,), mx.int32)],
                 template=[("QT", dt), ("KT", dt), ("D", D), ("TG", kernels._TG_SCORE)],
                 grid=(C * kernels._TG_SCORE, 1, 1), threadgroup=(kernels._TG_SCORE, 1, 1),
                 output_shapes=[(1, T), (1, C, 256)], output_dtypes=[mx.float32, mx.uint32],

@@ -45,12 +45,14 @@ def make_idx_inputs(B, L, T, D, dtype, kind, seed):
     return mx.array(q).astype(DT[dtype]), mx.array(k).astype(DT[dtype])
 
 
-def check_route(be, B, L, T, D, k, offset, dtype, kind, seed, strided=False):
+def check_route(be, B, L, T, D, k, offset, dtype, kind, seed, strided=False, start=None):
     q, kk = make_idx_inputs(B, L, T + (7 if strided else 0), D, dtype, kind, seed)
     if strided:  # a view into a longer cache buffer, as KVCache returns it
         kk = kk[:, :T]
-    got = sparse.route(q, kk, k, offset) if be else sparse.route_ref(q, kk, k, offset)
-    ref = sparse.route_ref(q, kk, k, offset)
+    lo = [0] * B if start is None else start
+    start = None if start is None else mx.array(start)
+    got = sparse.route(q, kk, k, offset, start) if be else sparse.route_ref(q, kk, k, offset, start)
+    ref = sparse.route_ref(q, kk, k, offset, start)
     mx.eval(got, ref)
     got, ref = np.array(got), np.array(ref)
     exact = bool((got == ref).all())
@@ -62,12 +64,13 @@ def check_route(be, B, L, T, D, k, offset, dtype, kind, seed, strided=False):
         for b in range(B):
             for l in range(L):
                 n = min(T, offset + l + 1)
-                m = min(k, n)
+                m = max(0, min(k, n - lo[b]))
                 g = got[b, l]
-                if not ((g[m:] == -1).all() and (np.diff(g[:m]) > 0).all() and g[0] >= 0 and g[m - 1] < n):
+                if not ((g[m:] == -1).all() and (m == 0 or ((np.diff(g[:m]) > 0).all() and g[0] >= lo[b] and g[m - 1] < n))):
                     ok = False
                     continue
-                row = s[b, l, :n]
+                row = s[b, l, lo[b]:n]
+                g = g - lo[b]
                 tol = 1e-5 * max(1.0, np.abs(row).max())
                 want = np.sort(row)[::-1][:m]
                 have = np.sort(row[g[:m]])[::-1]
@@ -75,16 +78,19 @@ def check_route(be, B, L, T, D, k, offset, dtype, kind, seed, strided=False):
     return ok, exact
 
 
-def check_select_kv(be, B, Hkv, T, hd, D, k, dtype, kind, seed):
+def check_select_kv(be, B, Hkv, T, hd, D, k, dtype, kind, seed, start=None):
     q, kk = make_idx_inputs(B, 1, T + 5, D, dtype, kind, seed)
     kk = kk[:, :T]
     keys = mx.random.normal((B, Hkv, T + 9, hd)).astype(DT[dtype])[:, :, :T]
     values = mx.random.normal((B, Hkv, T + 9, hd)).astype(DT[dtype])[:, :, :T]
-    ks, vs = sparse.select_kv(q, kk, keys, values, k) if be else sparse.select_kv_ref(q, kk, keys, values, k)
-    idx = sparse.route(q, kk, k, T - 1)[:, 0] if be else sparse.route_ref(q, kk, k, T - 1)[:, 0]
-    i4 = idx[:, None, :, None]
-    wk, wv = mx.take_along_axis(keys, i4, 2), mx.take_along_axis(values, i4, 2)
-    ref_idx = sparse.route_ref(q, kk, k, T - 1)[:, 0]
+    start = None if start is None else mx.array(start)
+    select = sparse.select_kv if be else sparse.select_kv_ref
+    ks, vs, idx = select(q, kk, keys, values, k, start)
+    i4 = mx.maximum(idx, 0)[:, None, :, None]
+    unfilled = (idx < 0)[:, None, :, None]
+    wk = mx.where(unfilled, 0, mx.take_along_axis(keys, i4, 2)).astype(keys.dtype)
+    wv = mx.where(unfilled, 0, mx.take_along_axis(values, i4, 2)).astype(values.dtype)
+    ref_idx = sparse.route_ref(q, kk, k, T - 1, start)[:, 0]
     mx.eval(ks, vs, wk, wv, idx, ref_idx)
     gather_ok = bool((f32(ks) == f32(wk)).all() and (f32(vs) == f32(wv)).all())
     idx_exact = bool((np.array(idx) == np.array(ref_idx)).all())
@@ -184,9 +190,15 @@ def main():
                         ]
                         if T <= 2049:
                             cases.append(dict(B=2, L=T, offset=0, D=32))  # prefill rows
+                    # a left-padded batch: rows with no, few (< k) and half of the positions valid
+                    pad = [0, max(0, T - 5), T, T // 2]
+                    cases.append(dict(B=4, L=1, offset=T - 1, D=64, start=pad))
+                    if not big:
+                        cases.append(dict(B=4, L=5, offset=max(0, T - 5), D=32, start=pad))
                     for c in cases:
                         p = dict(T=T, k=k, dtype=dtype, data=data, **c)
-                        ok, exact = safe(check_route, be, c["B"], c["L"], T, c["D"], k, c["offset"], dtype, data, seed, strided=c["B"] > 1)
+                        ok, exact = safe(check_route, be, c["B"], c["L"], T, c["D"], k, c["offset"], dtype, data, seed,
+                                         strided=c["B"] > 1, start=c.get("start"))
                         record("route", p, ok, dict(exact=exact))
     for T in [t for t in Ts if t > 64] if "select_kv" in only else []:
         for k in (64, 2048):
@@ -198,6 +210,9 @@ def main():
                     p = dict(T=T, k=k, dtype=dtype, Hkv=Hkv, hd=hd, B=2 if T < 200_000 else 1)
                     ok, exact = safe(check_select_kv, be, p["B"], Hkv, T, hd, 128, k, dtype, "int", seed)
                     record("select_kv", p, ok, dict(idx_exact=exact))
+                    pad = [0, T - k // 2, T - 1]  # left-padded rows: full, under k, one valid
+                    ok, exact = safe(check_select_kv, be, 3, Hkv, T, hd, 128, k, dtype, "int", seed, start=pad)
+                    record("select_kv", dict(p, B=3, start=pad), ok, dict(idx_exact=exact))
     att_Ts = [t for t in Ts if 1 <= t <= 131072] + ([1 << 20] if not args.quick else [])
     for T in att_Ts if "sparse_attention" in only else []:
         for k in (64, 2048):

@@ -40,11 +40,11 @@ SOURCE_DIR = _find_sources()
 
 # name -> (body file, input names, output names)
 KERNELS = {
-    "route_score": ("route_score.inc", ["q", "kidx", "prm"], ["scores", "hist"]),
-    "route_hist0": ("route_hist0.inc", ["scores", "prm"], ["hist"]),
+    "route_score": ("route_score.inc", ["q", "kidx", "prm", "start"], ["scores", "hist"]),
+    "route_hist0": ("route_hist0.inc", ["scores", "prm", "start"], ["hist"]),
     "route_hist": (
         "route_hist.inc",
-        ["scores", "prm", "hist_in", "st_in", "above_in"],
+        ["scores", "prm", "start", "hist_in", "st_in", "above_in"],
         ["hist", "st", "above"],
     ),
     "route_select": (
@@ -54,7 +54,7 @@ KERNELS = {
     ),
     "route_write": (
         "route_write.inc",
-        ["scores", "prm", "st", "abase", "tbase"],
+        ["scores", "prm", "start", "st", "abase", "tbase"],
         ["idx"],
     ),
     "gather_kv": ("gather_kv.inc", ["idx", "keys", "values", "prm"], ["ks", "vs"]),
@@ -116,22 +116,24 @@ def _chunking(T: int):
 _MAX_SCORE_BYTES = 1 << 30  # fp32 score buffer per launch group (many-row calls are split)
 
 
-def route(q_idx, k_idx, k: int, offset: int, be: str):
+def route(q_idx, k_idx, k: int, offset: int, be: str, start=None):
     """Route in pieces of query rows small enough for one launch grid (< 2**31
-    threads) and a bounded fp32 score buffer; see `_route_rows`."""
+    threads) and a bounded fp32 score buffer; see `_route_rows`. `start` `[B]`: each
+    batch row's first valid position (None: 0)."""
     B, L, _ = q_idx.shape
     T = k_idx.shape[1]
+    start = mx.zeros((B,), mx.int32) if start is None else mx.maximum(start, 0).astype(mx.int32)
     _, C = _chunking(T)
     step = max(1, min((2**31 - 1) // (B * C * _TG_SCORE), _MAX_SCORE_BYTES // (B * T * 4)))
     if L <= step:
-        return _route_rows(q_idx, k_idx, k, offset, be)
+        return _route_rows(q_idx, k_idx, k, offset, be, start)
     return mx.concatenate(
-        [_route_rows(q_idx[:, i : i + step], k_idx, k, offset + i, be) for i in range(0, L, step)],
+        [_route_rows(q_idx[:, i : i + step], k_idx, k, offset + i, be, start) for i in range(0, L, step)],
         axis=1,
     )
 
 
-def _route_rows(q_idx, k_idx, k: int, offset: int, be: str):
+def _route_rows(q_idx, k_idx, k: int, offset: int, be: str, start):
     """Exact causal top-k (same contract as `sparse.route_ref`) by a 4-level radix
     select (8-bit digits of an order-preserving key of the fp32 score) split over many
     threadgroups, in 6 launches: score + top-digit histogram; three passes that each
@@ -147,7 +149,7 @@ def _route_rows(q_idx, k_idx, k: int, offset: int, be: str):
     if L <= _FUSED_MAX_L:
         q = mx.contiguous(q_idx).reshape(R, D)
         scores, hist = _kernel(be, "route_score")(
-            inputs=[q, k_idx, prm],
+            inputs=[q, k_idx, prm, start],
             template=[("QT", q.dtype), ("KT", k_idx.dtype), ("D", D), ("TG", _TG_SCORE)],
             grid=(R * C * _TG_SCORE, 1, 1),
             threadgroup=(_TG_SCORE, 1, 1),
@@ -160,7 +162,7 @@ def _route_rows(q_idx, k_idx, k: int, offset: int, be: str):
 
         scores = mx.contiguous(index_scores(q_idx, k_idx).reshape(R, T))
         (hist,) = _kernel(be, "route_hist0")(
-            inputs=[scores, prm],
+            inputs=[scores, prm, start],
             template=[("TG", _TG)],
             grid=grid,
             threadgroup=tg,
@@ -170,7 +172,7 @@ def _route_rows(q_idx, k_idx, k: int, offset: int, be: str):
     st, above = prm, prm  # unread at level 1
     for level in (1, 2, 3):
         hist, st, above = _kernel(be, "route_hist")(
-            inputs=[scores, prm, hist, st, above],
+            inputs=[scores, prm, start, hist, st, above],
             template=[("LEVEL", level), ("TG", _TG)],
             grid=grid,
             threadgroup=tg,
@@ -185,7 +187,7 @@ def _route_rows(q_idx, k_idx, k: int, offset: int, be: str):
         output_dtypes=[mx.uint32] * 3,
     )
     (idx,) = _kernel(be, "route_write")(
-        inputs=[scores, prm, st, abase, tbase],
+        inputs=[scores, prm, start, st, abase, tbase],
         template=[("TG", _TG)],
         grid=grid,
         threadgroup=tg,
@@ -211,11 +213,11 @@ def gather_kv(idx, keys, values, be: str):
     )
 
 
-def select_kv(q_idx, k_idx, keys, values, k: int, be: str):
+def select_kv(q_idx, k_idx, keys, values, k: int, be: str, start=None):
     T = k_idx.shape[1]
-    idx = route(q_idx[:, -1:], k_idx, k, T - 1, be)[:, 0]
+    idx = route(q_idx[:, -1:], k_idx, k, T - 1, be, start)[:, 0]
     ks, vs = gather_kv(idx, keys, values, be)
-    return ks, vs
+    return ks, vs, idx
 
 
 def attention_warps(G: int, HD: int) -> int:

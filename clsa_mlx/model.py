@@ -4,8 +4,8 @@ from typing import Any, List, NamedTuple, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
+from mlx_lm.models.base import create_attention_mask, create_ssm_mask
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache, RotatingKVCache
 
 from .config import ModelArgs
 from .retention import gated_retention
@@ -144,12 +144,15 @@ class GateRetention(nn.Module):
         k = self.rope(split_heads(self.k_proj(x), self.n_heads).transpose(0, 2, 1, 3), offset)
         v = split_heads(self.v_proj(x), self.n_heads).transpose(0, 2, 1, 3)
         a = nn.log_sigmoid(self.gt_proj(x).astype(f32)).transpose(0, 2, 1) / self.gate_logit_normalizer
+        k = k.astype(f32) * self.scale
+        if mask is not None:  # a padded slot of a batch neither decays nor writes the state
+            a = mx.where(mask[:, None], a, 0)
+            k = mx.where(mask[:, None, :, None], k, 0)
         state = cache[0]
         if state is None:
             state = mx.zeros((B, self.n_heads, q.shape[-1], v.shape[-1]), dtype=f32)
-        o, cache[0] = gated_retention(
-            q.astype(f32), k.astype(f32) * self.scale, v.astype(f32), a, state
-        )
+        o, cache[0] = gated_retention(q.astype(f32), k, v.astype(f32), a, state)
+        cache.advance(L)
         o = merge_heads(mx.fast.rms_norm(o, None, self.eps)).astype(x.dtype)
         return self.out_proj(nn.silu(self.g_proj(x)) * o)
 
@@ -174,10 +177,11 @@ class SelfDecoder(nn.Module):
         mixer = SlidingWindowAttention if self.window else GateRetention
         self.layers = [DecoderLayer(args, mixer(args)) for _ in range(args.n_layers // 2)]
 
-    def __call__(self, x, caches, offset: int):
-        mask = None
+    def __call__(self, x, caches, offset):
         if self.window:
             mask = create_attention_mask(x, caches[0], window_size=self.window)
+        else:
+            mask = create_ssm_mask(x, caches[0])
         for layer, cache in zip(self.layers, caches):
             x = layer(x, mask, cache, offset)
         return x
@@ -190,7 +194,7 @@ class Memory(NamedTuple):
     values: mx.array
     mask: Any = None
     index: Optional[mx.array] = None
-    offset: int = 0
+    offset: Any = 0
 
 
 class CrossAttention(nn.Module):
@@ -247,8 +251,10 @@ class CrossDecoder(nn.Module):
             self.indexer = Indexer(args)
         self.layers = [DecoderLayer(args, CrossAttention(args)) for _ in range(args.n_layers // 2)]
 
-    def memory(self, x, kv_cache, index_cache, offset: int) -> Memory:
-        """Write this chunk's shared K/V (and index keys) once; decide what cross layers read."""
+    def memory(self, x, kv_cache, index_cache, offset) -> Memory:
+        """Write this chunk's shared K/V (and index keys) once; decide what cross layers read.
+        `offset` is the position for RoPE (per row in a batch); routing works in buffer rows,
+        from each row's first valid one (a batch cache's left padding) to the chunk's end."""
         H = self.kv_layer_norm(x)
         k = split_heads(self.k_proj(H), self.n_kv_heads)
         if self.qk_norm:
@@ -268,12 +274,15 @@ class CrossDecoder(nn.Module):
         if keys.shape[2] <= self.topk:
             return Memory(keys, values, mask, offset=offset)
         q_idx, k_idx = self.indexer.q_proj(H), k_idx[:, 0]
+        start = kv_cache.left_padding if isinstance(kv_cache, BatchKVCache) else None
         if L == 1:
-            keys, values = select_kv(q_idx, k_idx, keys, values, self.topk)
-            return Memory(keys, values, offset=offset)
-        return Memory(keys, values, index=route(q_idx, k_idx, self.topk, offset), offset=offset)
+            keys, values, idx = select_kv(q_idx, k_idx, keys, values, self.topk, start)
+            mask = None if start is None else (idx >= 0)[:, None, None, :]
+            return Memory(keys, values, mask, offset=offset)
+        index = route(q_idx, k_idx, self.topk, keys.shape[2] - L, start)
+        return Memory(keys, values, index=index, offset=offset)
 
-    def __call__(self, x, kv_cache, index_cache, offset: int):
+    def __call__(self, x, kv_cache, index_cache, offset):
         return self.attend(x, self.memory(x, kv_cache, index_cache, offset))
 
     def attend(self, x, memory: Memory):

@@ -1,7 +1,9 @@
 """CLSA routing and sparse attention: pure-MLX references and the dispatch the model calls.
 
 Index lists are int32 `[B, L, k]`, ascending by position, padded with -1 where a row has
-fewer than k visible positions. Row l of a call sees positions s <= offset + l.
+fewer than k visible positions. Row l of batch row b sees positions start[b] <= s <= offset + l:
+`offset` is the chunk's first position in the cache buffer, `start` (optional, `[B]`) the
+first valid one (mlx-lm's left padding of a batch cache).
 """
 
 import mlx.core as mx
@@ -14,12 +16,14 @@ def index_scores(q_idx: mx.array, k_idx: mx.array) -> mx.array:
     return q_idx.astype(mx.float32) @ k_idx.astype(mx.float32).swapaxes(-1, -2)
 
 
-def route_ref(q_idx: mx.array, k_idx: mx.array, k: int, offset: int) -> mx.array:
-    """Exact causal top-k per query row; ties go to the lower position."""
+def route_ref(q_idx: mx.array, k_idx: mx.array, k: int, offset: int, start=None) -> mx.array:
+    """Exact causal top-k per query row; ties go to the lower position; never below start."""
     B, L, _ = q_idx.shape
     T = k_idx.shape[1]
     pos = mx.arange(T)
     visible = pos[None, None] <= (offset + mx.arange(L))[None, :, None]
+    if start is not None:
+        visible = visible & (pos[None, None] >= start[:, None, None])
     scores = mx.where(visible, index_scores(q_idx, k_idx), -mx.inf)
     # Threshold select: all scores above the k-th largest, then the lowest-position ties.
     kth = mx.topk(scores, min(k, T), axis=-1).min(axis=-1, keepdims=True)
@@ -33,13 +37,17 @@ def route_ref(q_idx: mx.array, k_idx: mx.array, k: int, offset: int) -> mx.array
     return out[..., :k]
 
 
-def select_kv_ref(q_idx, k_idx, keys, values, k: int):
+def select_kv_ref(q_idx, k_idx, keys, values, k: int, start=None):
     """Decode: route the newest token over all T > k cached positions and gather its
-    k keys and values `[B, Hkv, k, hd]` once, for every cross layer to attend over."""
+    k keys and values `[B, Hkv, k, hd]` once, for every cross layer to attend over.
+    Also returns the index list `[B, k]`: -1 slots (a batch row with fewer than k valid
+    positions) gather zeros that the caller masks."""
     T = k_idx.shape[1]
-    idx = route_ref(q_idx[:, -1:], k_idx, k, T - 1)[:, 0]
-    idx = idx[:, None, :, None]
-    return mx.take_along_axis(keys, idx, axis=2), mx.take_along_axis(values, idx, axis=2)
+    idx = route_ref(q_idx[:, -1:], k_idx, k, T - 1, start)[:, 0]
+    rows = mx.maximum(idx, 0)[:, None, :, None]
+    zero = (idx < 0)[:, None, :, None]
+    gather = lambda a: mx.where(zero, 0, mx.take_along_axis(a, rows, axis=2)).astype(a.dtype)
+    return gather(keys), gather(values), idx
 
 
 def sparse_attention_ref(q, keys, values, idx, scale: float) -> mx.array:
@@ -59,18 +67,18 @@ def sparse_attention_ref(q, keys, values, idx, scale: float) -> mx.array:
 # references. The kernels have no VJP: training paths must call the *_ref functions.
 
 
-def route(q_idx, k_idx, k: int, offset: int) -> mx.array:
+def route(q_idx, k_idx, k: int, offset: int, start=None) -> mx.array:
     be = kernels.backend()
     if be is None:
-        return route_ref(q_idx, k_idx, k, offset)
-    return kernels.route(q_idx, k_idx, k, offset, be)
+        return route_ref(q_idx, k_idx, k, offset, start)
+    return kernels.route(q_idx, k_idx, k, offset, be, start)
 
 
-def select_kv(q_idx, k_idx, keys, values, k: int):
+def select_kv(q_idx, k_idx, keys, values, k: int, start=None):
     be = kernels.backend()
     if be is None:
-        return select_kv_ref(q_idx, k_idx, keys, values, k)
-    return kernels.select_kv(q_idx, k_idx, keys, values, k, be)
+        return select_kv_ref(q_idx, k_idx, keys, values, k, start)
+    return kernels.select_kv(q_idx, k_idx, keys, values, k, be, start)
 
 
 def sparse_attention(q, keys, values, idx, scale: float) -> mx.array:

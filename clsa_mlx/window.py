@@ -42,7 +42,8 @@ window_attention_blocks_compiled = mx.compile(window_attention_blocks)
 
 def window_attention(q, k, v, scale: float, window: int, mask):
     """`mask` is mlx-lm's for the chunk: None (one row), "causal" (the chunk and its past fit one
-    window) or the band array; only the last needs blocks, and only past one window of rows."""
-    if isinstance(mask, mx.array) and q.shape[2] > window and os.environ.get("CLSA_MLX_WINDOW_BLOCKS", "1") != "0":
+    window), the band array, or a batch's `[B, 1, L, S]` band with its padding; only the band of
+    one sequence goes to blocks, and only past one window of rows."""
+    if isinstance(mask, mx.array) and mask.ndim == 2 and q.shape[2] > window and os.environ.get("CLSA_MLX_WINDOW_BLOCKS", "1") != "0":
         return window_attention_blocks_compiled(q, k, v, scale, window)
     return window_attention_ref(q, k, v, scale, mask)

@@ -14,6 +14,7 @@ typedef unsigned int uint;
 #define EXP(x) expf(x)
 #define FMAX(a, b) fmaxf((a), (b))
 #define IMIN(a, b) ((a) < (b) ? (a) : (b))
+#define IMAX(a, b) ((a) > (b) ? (a) : (b))
 #define UMIN(a, b) ((a) < (b) ? (a) : (b))
 FN float SIMD_SUM(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);

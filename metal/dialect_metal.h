@@ -15,4 +15,5 @@
 #define EXP(x) metal::exp(x)
 #define FMAX(a, b) metal::max((a), (b))
 #define IMIN(a, b) metal::min((a), (b))
+#define IMAX(a, b) metal::max((a), (b))
 #define UMIN(a, b) metal::min((a), (b))

@@ -63,25 +63,26 @@ METAL_ATTRIBUTES = {
 
 def _instances():
     """(kernel, inputs [(dtype, size)], outputs [dtype], template [(name, value)]),
-    with the argument kinds the dispatch in clsa_mlx/kernels.py passes."""
+    with the argument kinds the dispatch in clsa_mlx/kernels.py passes (the routing `start`
+    of one batch row is small enough for MLX to declare it `constant`, of 64 rows `device`)."""
     big, prm8, prm = 1 << 20, 8, 3
     out = []
     for qt in ("float32", "float16", "bfloat16"):
         out.append(
             (
                 "route_score",
-                [(qt, big), (qt, big), ("int32", prm8)],
+                [(qt, big), (qt, big), ("int32", prm8), ("int32", 1)],
                 ["float32", "uint32"],
                 [("QT", qt), ("KT", qt), ("D", 128), ("TG", kernels._TG_SCORE)],
             )
         )
-    out.append(("route_hist0", [("float32", big), ("int32", prm8)], ["uint32"], [("TG", 256)]))
+    out.append(("route_hist0", [("float32", big), ("int32", prm8), ("int32", 64)], ["uint32"], [("TG", 256)]))
     for level in (1, 2, 3):
         prev = [("int32", prm8)] * 2 if level == 1 else [("uint32", 64)] * 2
         out.append(
             (
                 "route_hist",
-                [("float32", big), ("int32", prm8), ("uint32", big)] + prev,
+                [("float32", big), ("int32", prm8), ("int32", 1), ("uint32", big)] + prev,
                 ["uint32"] * 3,
                 [("LEVEL", level), ("TG", 256)],
             )
@@ -97,7 +98,7 @@ def _instances():
     out.append(
         (
             "route_write",
-            [("float32", big), ("int32", prm8)] + [("uint32", 64)] * 3,
+            [("float32", big), ("int32", prm8), ("int32", 64)] + [("uint32", 64)] * 3,
             ["int32"],
             [("TG", 256)],
         )

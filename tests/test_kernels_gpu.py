@@ -25,14 +25,35 @@ def test_route_kernel_exact(dtype, B, L, T, k):
     np.testing.assert_array_equal(np.array(got), np.array(sparse.route_ref(q, kk, k, T - L)))
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("L,T,k", [(1, 40, 8), (1, 3001, 64), (5, 300, 16), (9, 70001, 2048)])
+def test_route_kernel_with_start_exact(dtype, L, T, k):
+    # Left-padded batch rows: under k valid positions, none, one chunk's worth, many chunks.
+    start = mx.array([0, 3, T - L - 1, T, T // 2, T - 1])
+    B = start.shape[0]
+    q, kk = ints((B, L, 32), dtype, 5), ints((B, T, 32), dtype, 6)
+    got = sparse.route(q, kk, k, T - L, start)
+    np.testing.assert_array_equal(np.array(got), np.array(sparse.route_ref(q, kk, k, T - L, start)))
+
+
+def test_select_kv_kernel_with_start():
+    B, H, T, hd, k = 3, 2, 700, 64, 256
+    start = mx.array([0, 600, 699])
+    q, kk = ints((B, 1, 32), mx.float16, 7), ints((B, T, 32), mx.float16, 8)
+    keys = mx.random.normal((B, H, T, hd)).astype(mx.float16)
+    values = mx.random.normal((B, H, T, hd)).astype(mx.float16)
+    got, ref = sparse.select_kv(q, kk, keys, values, k, start), sparse.select_kv_ref(q, kk, keys, values, k, start)
+    assert all(mx.array_equal(a, b) for a, b in zip(got, ref))
+
+
 def test_select_kv_kernel():
     B, H, T, hd, k = 2, 4, 5000, 64, 256
     q, kk = ints((B, 1, 128), mx.bfloat16, 3), ints((B, T, 128), mx.bfloat16, 4)
     keys = mx.random.normal((B, H, T + 5, hd)).astype(mx.bfloat16)[:, :, :T]
     values = mx.random.normal((B, H, T + 5, hd)).astype(mx.bfloat16)[:, :, :T]
-    ks, vs = sparse.select_kv(q, kk, keys, values, k)
-    rk, rv = sparse.select_kv_ref(q, kk, keys, values, k)
-    assert mx.array_equal(ks, rk) and mx.array_equal(vs, rv)
+    ks, vs, idx = sparse.select_kv(q, kk, keys, values, k)
+    rk, rv, ridx = sparse.select_kv_ref(q, kk, keys, values, k)
+    assert mx.array_equal(ks, rk) and mx.array_equal(vs, rv) and mx.array_equal(idx, ridx)
 
 
 @pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-4), (mx.float16, 4e-3), (mx.bfloat16, 3e-2)])

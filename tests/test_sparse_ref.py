@@ -14,17 +14,20 @@ def np_f32(a: mx.array) -> np.ndarray:
     return np.array(a.astype(mx.float32))
 
 
-def naive_route(q, kk, k, offset):
-    """Top-k by sorting (score desc, position asc), output ascending, -1 padded."""
+def naive_route(q, kk, k, offset, start=None):
+    """Top-k by sorting (score desc, position asc) over positions start[b]..offset + l,
+    output ascending, -1 padded."""
     q, kk = np_f32(q).astype(np.float64), np_f32(kk).astype(np.float64)
     B, L, _ = q.shape
     T = kk.shape[1]
+    start = np.zeros(B, dtype=np.int64) if start is None else np.maximum(np.array(start), 0)
     out = np.full((B, L, k), -1, dtype=np.int64)
     for b in range(B):
         for l in range(L):
-            n = min(T, offset + l + 1)
-            s = kk[b, :n] @ q[b, l]
-            order = np.lexsort((np.arange(n), -s))[: min(k, n)]
+            lo, n = start[b], min(T, offset + l + 1)
+            pos = np.arange(lo, max(lo, n))
+            s = kk[b, pos] @ q[b, l]
+            order = pos[np.lexsort((pos, -s))[: min(k, len(pos))]]
             sel = np.sort(order)
             out[b, l, : len(sel)] = sel
     return out
@@ -110,7 +113,7 @@ def test_select_kv_ref(dtype):
     kk = int_inputs((B, T, d), dtype, seed=5)
     keys = mx.random.normal((B, Hkv, T, hd)).astype(dtype)
     values = mx.random.normal((B, Hkv, T, hd)).astype(dtype)
-    ks, vs = sparse.select_kv_ref(q, kk, keys, values, k)
+    ks, vs, _ = sparse.select_kv_ref(q, kk, keys, values, k)
     idx = naive_route(q, kk, k, T - 1)[:, 0]
     for b in range(B):
         np.testing.assert_array_equal(np_f32(ks[b]), np_f32(keys[b])[:, idx[b]])
@@ -135,6 +138,40 @@ def test_sparse_attention_ref(dtype, B, Hq, Hkv, L, T, k):
     got = np_f32(sparse.sparse_attention_ref(q, keys, values, idx, scale))
     want = naive_attention(q, keys, values, idx, scale)
     np.testing.assert_allclose(got, want, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "L,T,k,offset,start",
+    [
+        (1, 40, 8, 39, [0, 3, 35, 39]),  # decode: one row under k valid positions, one with 1
+        (5, 60, 8, 55, [0, 50, 52, 59]),  # several rows; the last batch row sees 0..5 positions
+        (9, 9, 4, 0, [0, 2, 6, 9]),  # prefill of a left-padded batch; a fully padded row
+        (3, 1000, 64, 997, [0, 1, 500, 990]),
+    ],
+)
+def test_route_ref_with_start_matches_naive(dtype, L, T, k, offset, start):
+    # Batch rows with left padding: positions below start[b] are never selected.
+    B, d = len(start), 8
+    q = int_inputs((B, L, d), dtype, seed=11)
+    kk = int_inputs((B, T, d), dtype, seed=12)
+    got = np.array(sparse.route_ref(q, kk, k, offset, mx.array(start)))
+    np.testing.assert_array_equal(got, naive_route(q, kk, k, offset, start))
+    for b, lo in enumerate(start):
+        sel = got[b][got[b] >= 0]
+        assert (sel >= lo).all()
+
+
+def test_select_kv_ref_with_start_zeroes_unfilled_slots():
+    B, H, T, hd, k = 2, 2, 20, 4, 8
+    q, kk = mx.random.normal((B, 1, 6)), mx.random.normal((B, T, 6))
+    keys, values = mx.random.normal((B, H, T, hd)), mx.random.normal((B, H, T, hd))
+    ks, vs, idx = sparse.select_kv_ref(q, kk, keys, values, k, mx.array([0, 15]))
+    idx = np.array(idx)
+    np.testing.assert_array_equal(idx[1], [15, 16, 17, 18, 19, -1, -1, -1])
+    np.testing.assert_array_equal(np.array(ks)[1, :, :5], np.array(keys)[1, :, 15:])
+    assert not np.array(vs)[1, :, 5:].any()
+    np.testing.assert_array_equal(np.array(vs)[0], np.array(values)[0][:, idx[0]])
 
 
 def test_sparse_attention_ref_padded_rows():
@@ -180,9 +217,9 @@ def test_route_splits_many_rows(monkeypatch):
     kk = int_inputs((2, 40, 8), mx.float32, seed=10)
     calls = []
 
-    def rows(q_, k_, kk_, off, be):
+    def rows(q_, k_, kk_, off, be, start):
         calls.append(q_.shape[1])
-        return sparse.route_ref(q_, k_, kk_, off)
+        return sparse.route_ref(q_, k_, kk_, off, start)
 
     monkeypatch.setattr(kernels, "_route_rows", rows)
     got = kernels.route(q, kk, 6, 17, "cuda")
