@@ -68,10 +68,16 @@ def test_reserve_allocates_the_global_caches_once():
     model(toks[:, :8], cache)
     model.reserve(cache, 700)
     kv, index = cache[n], cache[n + 1]
-    assert kv.keys.shape[2] == index.keys.shape[2] == 708 and index.values.shape[-1] == 0
+    # 708 rows, rounded up to mlx-lm's step of 256 (MLX CUDA is sensitive to buffer shapes)
+    assert kv.keys.shape[2] == index.keys.shape[2] == 768 and index.values.shape[-1] == 0
     for s in range(8, 40, 8):
         model(toks[:, s:s + 8], cache)
-        assert kv.keys.shape[2] == 708 and kv.offset == s + 8  # written in place, never regrown
+        assert kv.keys.shape[2] == 768 and kv.offset == s + 8  # written in place, never regrown
+    model.reserve(cache, 768 - 40)
+    assert kv.keys.shape[2] == 768  # fits: left alone
+    kept = mx.array(kv.keys[..., :40, :])
+    model.reserve(cache, 768 - 39)
+    assert kv.keys.shape[2] == 1024 and mx.array_equal(kv.keys[..., :40, :], kept)
     reference = model(toks)
     again = model.make_cache()
     model(toks[:, :39], again)
