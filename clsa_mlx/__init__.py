@@ -2,11 +2,9 @@
 
 from .config import ModelArgs
 from .generate import ContextOverflowError, generate, stream_generate
-from .loading import load, load_model, register_with_mlx_lm
+from .loading import load, load_model, shipped_model
 from .model import Model
 
-register_with_mlx_lm()
-
 __all__ = [
-    "ContextOverflowError", "Model", "ModelArgs", "generate", "load", "load_model", "stream_generate",
+    "ContextOverflowError", "Model", "ModelArgs", "generate", "load", "load_model", "shipped_model", "stream_generate",
 ]

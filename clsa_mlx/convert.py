@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten
 
 from . import torch_pickle
 from .config import ModelArgs
+from .loading import add_model_file
 
 MAX_SHARD_GB = 5.0  # mlx-lm's MAX_FILE_SIZE_GB
 DTYPES = ("float16", "bfloat16", "float32")
@@ -658,6 +659,7 @@ def convert(
 
         n_shards = save_weights(tmp, model, int(max_shard_gb * (1 << 30)))
         save_config(config, tmp / "config.json")
+        add_model_file(tmp)
         tok_src = src
         if tokenizer is not None:
             tok_src = resolve_source(tokenizer, None, patterns=[*TOKENIZER_PATTERNS])

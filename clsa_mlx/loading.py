@@ -1,20 +1,22 @@
 """Find and load model folders (config.json + model*.safetensors + tokenizer), local or on the hub."""
 
-import sys
+import json
+import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 from huggingface_hub import snapshot_download
-from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_tokenizer
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_tokenizer, save_config
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 
-from . import model as model_module
 from .config import ModelArgs
 from .model import Model
 
 MODEL_TYPES = ("clsa", "yoco")
 SHIPPED = Path(__file__).parent / "shipped"
+MODEL_FILE = "clsa_mlx_model.py"  # mlx-lm's `model_file` in the folders we write
 
 
 def shipped_model() -> Path:
@@ -24,10 +26,16 @@ def shipped_model() -> Path:
     return SHIPPED
 
 
-def register_with_mlx_lm():
-    """Make `mlx_lm.load`, `mlx_lm.generate` and the mlx-lm server find our model types."""
-    for model_type in MODEL_TYPES:
-        sys.modules.setdefault(f"mlx_lm.models.{model_type}", model_module)
+def add_model_file(folder) -> Path:
+    """Write mlx-lm's `model_file` (our `model_file.py`) into a model folder and name it in
+    config.json, so every mlx-lm command runs the folder with `--trust-remote-code`."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    shutil.copyfile(Path(__file__).with_name("model_file.py"), folder / MODEL_FILE)
+    tmp = folder / ".config.json.partial"
+    save_config({**config, "model_file": MODEL_FILE}, tmp)
+    os.replace(tmp, folder / "config.json")  # never a half-written config
+    return folder
 
 
 def get_model_classes(config: dict):
@@ -35,6 +43,11 @@ def get_model_classes(config: dict):
     if model_type not in MODEL_TYPES:
         raise ValueError(f"config.json: model_type {model_type!r} is not one of {MODEL_TYPES}")
     return Model, ModelArgs
+
+
+def _our_classes(model_config: Optional[dict]) -> dict:
+    # Build from this package, never by running the folder's `model_file` (that is for mlx-lm).
+    return {**(model_config or {}), "model_file": None}
 
 
 def resolve(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
@@ -55,7 +68,7 @@ def load_model(path_or_hf_repo, lazy: bool = False, strict: bool = True, model_c
     """Weights and config only; no tokenizer needed. `fuse=False` keeps the checkpoint's
     separate projections (to copy weights by name)."""
     model, _ = _mlx_lm_load_model(
-        resolve(str(path_or_hf_repo)), lazy, strict, model_config, get_model_classes=get_model_classes
+        resolve(str(path_or_hf_repo)), lazy, strict, _our_classes(model_config), get_model_classes=get_model_classes
     )
     return model.fuse(materialize=not lazy) if fuse else model
 
@@ -78,7 +91,7 @@ def load(path_or_hf_repo, tokenizer_config=None, model_config=None, lazy: bool =
     """Returns `(model, tokenizer)`, the tokenizer wrapped by mlx-lm (streaming detokenizer, chat
     template). The model's stacked projections (`Model.fuse`) unless `fuse=False`."""
     path = resolve(str(path_or_hf_repo), revision)
-    model, config = _mlx_lm_load_model(path, lazy, True, model_config, get_model_classes=get_model_classes)
+    model, config = _mlx_lm_load_model(path, lazy, True, _our_classes(model_config), get_model_classes=get_model_classes)
     if fuse:
         model.fuse(materialize=not lazy)
     with _quiet_transformers():

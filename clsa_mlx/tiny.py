@@ -8,6 +8,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .config import ModelArgs
+from .loading import add_model_file
 from .model import Model
 
 CHAT_TEMPLATE = (
@@ -49,6 +50,7 @@ def save_model_folder(model: Model, folder, tokenizer=None):
                         metadata={"format": "mlx"})
     with open(folder / "config.json", "w") as f:
         json.dump(asdict(model.args), f, indent=2, sort_keys=True)
+    add_model_file(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     return folder

@@ -344,7 +344,7 @@ def test_quantized(tmp_path, variant, bits):
     assert isinstance(text, str)
     import mlx_lm  # the folder is also an mlx-lm model folder
 
-    m2, tok2 = mlx_lm.load(str(q))
+    m2, tok2 = mlx_lm.load(str(q), trust_remote_code=True)
     assert isinstance(mlx_lm.generate(m2, tok2, "hi", max_tokens=4), str)
 
 

@@ -39,8 +39,30 @@ def test_mlx_lm_loads_and_generates_the_same(folder, loaded):
 
     model, tokenizer = loaded
     prompt = "Once upon a time, in a long document"
-    theirs = mlx_lm.generate(*mlx_lm.load(str(folder)), prompt, max_tokens=10)
+    theirs = mlx_lm.generate(*mlx_lm.load(str(folder), trust_remote_code=True), prompt, max_tokens=10)
     assert theirs == clsa_mlx.generate(model, tokenizer, prompt, max_tokens=10)
+
+
+@pytest.mark.parametrize("command", ["generate", "benchmark"])
+def test_mlx_lm_commands_run_the_folder_without_python(folder, loaded, command):
+    # What a user types: no `import clsa_mlx`; the folder's model_file builds the model.
+    import subprocess
+    import sys
+
+    args = ["--prompt", "Once upon a time", "--max-tokens", "10", "--ignore-chat-template"] if command == "generate" else \
+        ["-p", "32", "-g", "8", "-n", "1", "-b", "4"]  # batch 4: mlx-lm's batch_generate
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "mlx_lm", command, "--model", str(folder), *args, *extra],
+                                        capture_output=True, text=True, timeout=300)
+    refused = run()
+    assert refused.returncode != 0 and "trust_remote_code" in refused.stderr
+    assert "Model type clsa not supported" not in refused.stderr
+    r = run("--trust-remote-code")
+    assert r.returncode == 0, r.stderr[-2000:]
+    if command == "generate":
+        model, tokenizer = loaded
+        assert clsa_mlx.generate(model, tokenizer, "Once upon a time", max_tokens=10) in r.stdout
+    else:
+        assert "Averages: prompt_tps=" in r.stdout + r.stderr
 
 
 def test_greedy_generation_equals_full_forward_argmax(loaded):

@@ -1,0 +1,21 @@
+"""mlx-lm's `model_file` for CLSA / YOCO folders. convert.py copies this file into every folder
+it writes (as `clsa_mlx_model.py`, named by config.json's `model_file`), so that
+`mlx_lm.generate / chat / server / benchmark --model FOLDER --trust-remote-code` build the model
+from the installed clsa-mlx package. `python -m clsa_mlx.model_file FOLDER` adds it to a folder
+written before it existed."""
+
+try:
+    from clsa_mlx.config import ModelArgs
+    from clsa_mlx.model import Model
+except ImportError as e:  # run by mlx-lm from a model folder, in an environment without us
+    raise ImportError("this CLSA/YOCO model folder needs the clsa-mlx package (pip install clsa-mlx)") from e
+
+__all__ = ["Model", "ModelArgs"]
+
+if __name__ == "__main__":
+    import sys
+
+    from clsa_mlx.loading import add_model_file
+
+    for folder in sys.argv[1:] or sys.exit("usage: python -m clsa_mlx.model_file FOLDER..."):
+        print(add_model_file(folder))

@@ -1,0 +1,86 @@
+"""The real `mlx_lm.server` on 127.0.0.1, started as a user would (no Python of ours: the folder's
+`model_file` and --trust-remote-code), serves concurrent requests of different lengths,
+streaming and not, with the text each gets alone, and answers afterwards."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from clsa_mlx.tiny import make_tiny_folder
+
+ARCHS = {"clsa": {}, "yoco-retention": dict(index_topk=0, sliding_window=None, self_decoder="gated_retention")}
+# byte tokenizer: one token per character; window 16, top-k 8; prompt chunks of 256 tokens
+PROMPTS = [("The document says: " + "routing once per token " * n)[: n * 23] for n in (2, 19, 33, 44)]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port, body, timeout=120):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        if not body.get("stream"):
+            return json.loads(r.read())["choices"][0]["text"]
+        text = ""
+        for line in r:
+            line = line.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                choices = json.loads(line[6:])["choices"]
+                text += "".join(c.get("text", "") for c in choices)
+        return text
+
+
+def complete(port, prompt, stream=False):
+    return post(port, dict(prompt=prompt, max_tokens=24, temperature=0.0, stream=stream))
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def server(request, tmp_path_factory):
+    folder = make_tiny_folder(tmp_path_factory.mktemp(request.param), seed=5, **ARCHS[request.param])
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm", "server", "--model", str(folder), "--trust-remote-code",
+         "--host", "127.0.0.1", "--port", str(port), "--prefill-step-size", "256"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                pytest.fail(f"mlx_lm.server did not start:\n{log.read()[-3000:]}")
+            time.sleep(0.5)
+    yield port, log
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def test_concurrent_requests_get_their_sequential_answers(server):
+    port, log = server
+    alone = [complete(port, p) for p in PROMPTS]
+    assert all(alone) and len(set(alone)) > 1
+    streams = [False, True, False, True]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda a: complete(port, *a), zip(PROMPTS, streams)))
+    assert together == alone
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # shortest and longest join mid-flight
+        futures = [pool.submit(complete, port, p, s) for p, s in zip(PROMPTS[::-1], streams)]
+        assert [f.result() for f in futures] == alone[::-1]
+    assert complete(port, PROMPTS[0]) == alone[0]  # still answering
+    log.seek(0)
+    assert "generation thread died" not in log.read()
