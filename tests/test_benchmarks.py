@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import bench_models, summarize_models
+from benchmarks import bench_batch, bench_models, summarize_models
 
 
 def test_bench_models_micro(tmp_path):
@@ -109,3 +109,22 @@ def test_prefill_parts_window_forms_switch_and_restore():
     with window_form("one call"):
         assert os.environ["CLSA_MLX_WINDOW_BLOCKS"] == "0"
     assert window.window_attention_blocks_compiled is compiled and "CLSA_MLX_WINDOW_BLOCKS" not in os.environ
+
+
+def test_bench_batch_micro(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "benchmarks/bench_batch.py", "--config", "micro", "--contexts", "300",
+                        "--long", "600", "--batches", "1", "3", "--steps", "3", "--out-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "bench_batch_micro.json").read_text())
+    ran = {(x["arch"], x["context"], x["batch"]): x for x in data["rows"] if x["fits"]}
+    assert set(ran) == {(a, c, b) for a in bench_batch.ARCHS for c in (300, 600) for b in (1, 3)
+                        if c == 300 or a != "transformer"}
+    assert all(x["tok_s"] > 0 and x["peak_gb"] > 0 for x in ran.values())
+    # per sequence, the shared cache is smaller than the Transformer's per-layer one
+    assert ran[("clsa", 300, 1)]["cache_gb_per_seq"] < ran[("transformer", 300, 1)]["cache_gb_per_seq"]
+    assert data["summary"]["300"]["largest"]["clsa"]["largest_batch"] == 3
+    assert data["machine"]["mlx"] and (tmp_path / "bench_batch_micro.png").stat().st_size > 1000
