@@ -15,6 +15,6 @@ if [ "$1" = check ]; then
   timeout 330 python3 benchmarks/check_kernels_gpu.py --only route,select_kv \
     --out "$OUT/check_kernels_gpu_batch.json" 2>&1 | tail -40 | tee "$OUT/check_batch.log"
 else
-  timeout 560 python3 benchmarks/bench_batch.py --config paper-4b --contexts 32768 131072 --long 1048576 \
-    --out-dir "$OUT" 2>&1 | tee "$OUT/bench_batch.log"
+  timeout 540 python3 benchmarks/bench_batch.py --config paper-4b --contexts 32768 131072 --long 1048576 \
+    --batches 1 2 4 6 7 8 16 32 64 128 192 256 --mem-gb 150 --out-dir "$OUT" 2>&1 | tee "$OUT/bench_batch.log"
 fi
