@@ -86,7 +86,7 @@ def run_arch(arch, cfg, contexts, batches, steps, budget, bandwidth, rows, out):
             except Exception as e:  # out of memory or a launch limit: record, stop growing B
                 rows.append(dict(row, fits=False, error=repr(e)[:500]))
                 print(f"{arch:12s} {context:>8d} B={B:<4d} failed: {e!r}"[:300], flush=True)
-                mx.clear_cache()
+                save(out, rows)  # a CUDA fault poisons the process: keep what ran
                 break
             step_bytes = wbytes + B * reads
             rows.append(dict(row, fits=True, step_ms=ms, tok_s=B * 1e3 / ms, peak_gb=mx.get_peak_memory() / GB,
@@ -144,10 +144,10 @@ def plot(out):
     contexts = sorted({r["context"] for r in ran})
     fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
     for ax, context in zip(axes[0], contexts):
-        for arch in ARCHS:
+        for color, arch in enumerate(ARCHS):
             mine = sorted((r["batch"], r["tok_s"]) for r in ran if r["arch"] == arch and r["context"] == context)
             if mine:
-                ax.plot(*zip(*mine), marker="o", label=arch)
+                ax.plot(*zip(*mine), marker="o", label=arch, color=f"C{color}")
         ax.set(xscale="log", yscale="log", xlabel="batch (sequences)", ylabel="decode tok/s (whole batch)",
                title=f"{context:,}-token context")
         ax.grid(True, which="both", alpha=0.3)
