@@ -47,10 +47,15 @@ def one_at_a_time(model, prompt, n, cache=None, logprobs=None):
     return tokens
 
 
+# fp32 on the CPU; MLX CUDA's fp32 matmuls of different batch shapes differ by up to 6e-4 (H200 run,
+# benchmarks/results/tests_gpu_batch.log), with the same tokens
+TOL = 1e-4 if mx.default_device() == mx.cpu else 2e-3
+
+
 def assert_close(got, want):
     assert len(got) == len(want)
     for a, b in zip(got, want):
-        assert float(mx.abs(a - b).max()) < 1e-4
+        assert float(mx.abs(a - b).max()) < TOL
 
 
 def run(gen, late=(), at_step=2):
