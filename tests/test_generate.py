@@ -168,3 +168,15 @@ def test_chunked_prefill_matches_mlx_lm_loop_and_reports_progress(loaded):
     assert ours[-1].prompt_tokens == len(prompt) and ours[-1].prompt_tps > 0
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1] == (len(prompt), len(prompt))
     assert {t for _, t in seen} == {len(prompt)} and (8, len(prompt)) in seen
+
+
+def test_shipped_folder_carries_the_current_model_file():
+    # The shipped folder's copy is what mlx-lm runs for it; it must not drift from the package's.
+    import json
+    from pathlib import Path
+
+    from clsa_mlx import loading
+
+    folder = clsa_mlx.shipped_model()
+    assert json.loads((folder / "config.json").read_text())["model_file"] == loading.MODEL_FILE
+    assert (folder / loading.MODEL_FILE).read_bytes() == (Path(loading.__file__).parent / "model_file.py").read_bytes()
