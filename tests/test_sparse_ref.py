@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mlx.core as mx
 
@@ -225,3 +227,26 @@ def test_route_splits_many_rows(monkeypatch):
     got = kernels.route(q, kk, 6, 17, "cuda")
     assert max(calls) <= 5 and sum(calls) == 23
     np.testing.assert_array_equal(np.array(got), np.array(sparse.route_ref(q, kk, 6, 17)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_route_ref_property_left_padded_batches(data):
+    # Any batch of left-padded rows: the reference equals the naive sort, never picks a padded or
+    # future position, and fills min(k, valid) slots.
+    B = data.draw(st.integers(1, 4))
+    T = data.draw(st.integers(1, 70))
+    L = data.draw(st.integers(1, min(T, 6)))
+    k = data.draw(st.integers(1, 40))
+    offset = T - L
+    start = data.draw(st.lists(st.integers(0, T), min_size=B, max_size=B))
+    dtype = data.draw(st.sampled_from(DTYPES))
+    seed = data.draw(st.integers(0, 2**16))
+    q, kk = int_inputs((B, L, 4), dtype, seed=seed), int_inputs((B, T, 4), dtype, seed=seed + 1)
+    got = np.array(sparse.route_ref(q, kk, k, offset, mx.array(start)))
+    np.testing.assert_array_equal(got, naive_route(q, kk, k, offset, start))
+    for b in range(B):
+        for l in range(L):
+            sel = got[b, l][got[b, l] >= 0]
+            assert len(sel) == max(0, min(k, offset + l + 1 - start[b]))
+            assert ((sel >= start[b]) & (sel <= offset + l)).all()
