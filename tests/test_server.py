@@ -44,6 +44,14 @@ def complete(port, prompt, stream=False):
     return post(port, dict(prompt=prompt, max_tokens=24, temperature=0.0, stream=stream))
 
 
+def chat(port, messages):
+    body = dict(messages=messages, max_tokens=20, temperature=0.0)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())["choices"][0]["message"]["content"]
+
+
 @pytest.fixture(scope="module", params=list(ARCHS))
 def server(request, tmp_path_factory):
     folder = make_tiny_folder(tmp_path_factory.mktemp(request.param), seed=5, **ARCHS[request.param])
@@ -82,5 +90,20 @@ def test_concurrent_requests_get_their_sequential_answers(server):
         futures = [pool.submit(complete, port, p, s) for p, s in zip(PROMPTS[::-1], streams)]
         assert [f.result() for f in futures] == alone[::-1]
     assert complete(port, PROMPTS[0]) == alone[0]  # still answering
+    log.seek(0)
+    assert "generation thread died" not in log.read()
+
+
+def test_concurrent_chats_and_follow_ups_get_their_sequential_answers(server):
+    port, log = server
+    system = {"role": "system", "content": "You answer questions about documents. " * 5}
+    convs = [[system, {"role": "user", "content": f"Question {i}: " + "what does it say? " * (9 * i + 1)}] for i in range(4)]
+    alone = [chat(port, c) for c in convs]
+    with ThreadPoolExecutor(len(convs)) as pool:
+        assert list(pool.map(lambda c: chat(port, c), convs)) == alone
+    follow = [c + [{"role": "assistant", "content": a}, {"role": "user", "content": "And then?"}] for c, a in zip(convs, alone)]
+    follow_alone = [chat(port, c) for c in follow]
+    with ThreadPoolExecutor(len(follow)) as pool:
+        assert list(pool.map(lambda c: chat(port, c), follow[::-1])) == follow_alone[::-1]
     log.seek(0)
     assert "generation thread died" not in log.read()
