@@ -1,5 +1,5 @@
-"""Which part of one batched CLSA decode step fails at a large batch (the H200 sweep hit an
-illegal address at 128K, B=192). Evaluates mlx-lm's merge, then the step part by part; run one
+"""Which part of one batched CLSA decode step fails at a large batch (bench_batch on the H200 hit
+an illegal address at 128K, B=192). Evaluates mlx-lm's merge, then the step part by part; run one
 process per case (a CUDA fault poisons the process):
 
     python benchmarks/diag_batch_step.py --batch 192 --context 131072 [--reference]

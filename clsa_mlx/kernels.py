@@ -122,7 +122,7 @@ def route(q_idx, k_idx, k: int, offset: int, be: str, start=None):
     batch row's first valid position (None: 0)."""
     B, L, _ = q_idx.shape
     T = k_idx.shape[1]
-    start = mx.zeros((B,), mx.int32) if start is None else mx.maximum(start, 0).astype(mx.int32)
+    start = _no_padding(B) if start is None else mx.maximum(start, 0).astype(mx.int32)
     _, C = _chunking(T)
     step = max(1, min((2**31 - 1) // (B * C * _TG_SCORE), _MAX_SCORE_BYTES // (B * T * 4)))
     if L <= step:
@@ -131,6 +131,14 @@ def route(q_idx, k_idx, k: int, offset: int, be: str, start=None):
         [_route_rows(q_idx[:, i : i + step], k_idx, k, offset + i, be, start) for i in range(0, L, step)],
         axis=1,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _no_padding(B: int) -> mx.array:
+    # One evaluated array per batch size, so a single sequence's decode step launches no fill.
+    z = mx.zeros((B,), mx.int32)
+    mx.eval(z)
+    return z
 
 
 def _route_rows(q_idx, k_idx, k: int, offset: int, be: str, start):

@@ -44,6 +44,9 @@ def select_kv_ref(q_idx, k_idx, keys, values, k: int, start=None):
     positions) gather zeros that the caller masks."""
     T = k_idx.shape[1]
     idx = route_ref(q_idx[:, -1:], k_idx, k, T - 1, start)[:, 0]
+    if start is None:  # T > k: every slot is filled
+        rows = idx[:, None, :, None]
+        return mx.take_along_axis(keys, rows, axis=2), mx.take_along_axis(values, rows, axis=2), idx
     rows = mx.maximum(idx, 0)[:, None, :, None]
     zero = (idx < 0)[:, None, :, None]
     gather = lambda a: mx.where(zero, 0, mx.take_along_axis(a, rows, axis=2)).astype(a.dtype)
