@@ -1,5 +1,6 @@
 """`python chat.py`: interactive long-context chat, or one-shot answers for scripts."""
 
+import os
 import signal
 import sys
 import time
@@ -143,15 +144,20 @@ def repl(conv: Conversation, gen: dict):
               help="Prompt tokens per prefill step; smaller steps hold less scratch memory on long documents.")
 def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_tokens, max_context, drop_oldest,
          prefill_step_size):
-    """Chat with a CLSA / YOCO model about long documents."""
+    """Chat with a CLSA / YOCO model about long documents. Under `mlx.launch` the model is
+    sharded over the ranks; every rank reads the same input and rank 0 prints."""
     if seed is not None:
         mx.random.seed(seed)
-    if prompt is None and not sys.stdin.isatty():
+    group = mx.distributed.init()
+    if group.rank() > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    if prompt is None and not sys.stdin.isatty() and group.size() == 1:  # mlx.launch always pipes stdin
         prompt = sys.stdin.read()
     try:
         path = resolve(model) if model else shipped_model()
-        m, tokenizer = load(path)
-        conv = Conversation(m, tokenizer, model_identity(path), system, max_context, drop_oldest, prefill_step_size)
+        m, tokenizer = load(path, group=group)
+        conv = Conversation(m, tokenizer, model_identity(path), system, max_context, drop_oldest, prefill_step_size,
+                            group)
         for f in files:
             conv.add_document(f, progress=Progress())
     except (ChatError, FileNotFoundError, ValueError) as e:
@@ -166,3 +172,7 @@ def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_toke
             sys.exit(f"error: {e}")
         return
     repl(conv, gen)
+
+
+if __name__ == "__main__":
+    main()

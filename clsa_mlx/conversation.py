@@ -38,7 +38,7 @@ def memory_bytes() -> int:
 def context_limit(model, requested: Optional[int] = None) -> int:
     """The model's max_seq_len, capped so the K/V and index caches fit in half the memory."""
     a = model.args
-    per_token = (2 * a.n_attn_kv_heads * a.head_dim + (a.index_head_dim if a.sparse else 0)) * 2
+    per_token = (2 * model.cross_decoder.n_kv_heads * a.head_dim + (a.index_head_dim if a.sparse else 0)) * 2
     limits = [memory_bytes() // 2 // per_token, requested or 10**9]
     if a.max_seq_len > 0:
         limits.append(a.max_seq_len)
@@ -57,8 +57,10 @@ def read_document(path: str) -> str:
 
 class Conversation:
     def __init__(self, model, tokenizer, model_id: str, system: Optional[str] = None,
-                 max_context: Optional[int] = None, drop_oldest: bool = False, prefill_step: int = PREFILL_STEP):
+                 max_context: Optional[int] = None, drop_oldest: bool = False, prefill_step: int = PREFILL_STEP,
+                 group=None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.group = group if group is not None and group.size() > 1 else None  # a model sharded over ranks
         self.prefill_step = prefill_step
         self.limit, self.drop_oldest = context_limit(model, max_context), drop_oldest
         self.last = None
@@ -136,7 +138,7 @@ class Conversation:
         try:
             for r in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
                                      prompt_cache=self.cache, prompt_progress_callback=progress,
-                                     prefill_step_size=self.prefill_step, **sampling):
+                                     prefill_step_size=self.prefill_step, group=self.group, **sampling):
                 self.last = r
                 generated.append(r.token)
                 if r.finish_reason != "stop":
@@ -165,7 +167,13 @@ class Conversation:
         return (f"prompt {r.prompt_tokens} tok, {r.prompt_tps:.0f} tok/s | generated {r.generation_tokens} tok, "
                 f"{r.generation_tps:.1f} tok/s | " + line)
 
+    def _whole_model(self, what: str):
+        if self.group is not None:
+            raise ChatError(f"{what}: sessions of a model sharded over {self.group.size()} ranks are not supported "
+                            "(each rank holds only its heads of the cache)")
+
     def save(self, path: str) -> str:
+        self._whole_model("/save")
         path = path if path.endswith(".safetensors") else path + ".safetensors"
         meta = dict(clsa_mlx_session="1", model_id=self.model_id, system=self.system or "",
                     messages=json.dumps(self.messages), documents=json.dumps(self.documents),
@@ -180,6 +188,7 @@ class Conversation:
         return path
 
     def load(self, path: str):
+        self._whole_model("/load")
         path = path if path.endswith(".safetensors") or Path(path).exists() else path + ".safetensors"
         if not Path(path).is_file():
             raise ChatError(f"{path}: no such session file")

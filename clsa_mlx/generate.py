@@ -41,10 +41,18 @@ def prefill(model, tokens, cache, step: int = 2048, progress=None):
                 progress(min(start + step, len(tokens)), len(tokens))
 
 
-def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs):
+def same_random_state(group):
+    """Every rank of a sharded model must sample the same token: start them from one seed."""
+    if group is not None and group.size() > 1:
+        seed = mx.distributed.all_sum(mx.random.state[0], group=group, stream=generation_stream)
+        mx.random.seed(seed.view(mx.uint64).item())
+
+
+def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, group=None, **kwargs):
     """Yields mlx-lm `GenerationResponse`s. Refuses a prompt that does not fit the model's
     context (`max_seq_len`) and stops generation at that limit. The prompt but its last token
-    goes through `prefill`; mlx-lm's loop takes it from there."""
+    goes through `prefill`; mlx-lm's loop takes it from there. A model sharded over `group`
+    runs the same on every rank."""
     if kwargs.get("kv_bits"):
         raise ValueError("kv_bits: KV-cache quantization is not supported for CLSA/YOCO caches")
     if not isinstance(tokenizer, TokenizerWrapper):
@@ -62,6 +70,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs):
         max_tokens = room if max_tokens < 0 else min(max_tokens, room)
     model.reserve(cache, len(tokens) + (min(max_tokens, RESERVE_MAX) if max_tokens > 0 else RESERVE_MAX))
     head, tail = tokens[:-1], tokens[-1:]
+    same_random_state(group)
     progress = kwargs.pop("prompt_progress_callback", None) or (lambda *_: None)
     t0 = time.perf_counter()
     if head:
@@ -70,13 +79,21 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs):
                     lambda done, _: progress(done, len(tokens)))
     head_s = time.perf_counter() - t0
     kwargs["prompt_progress_callback"] = lambda done, _: progress(len(head) + done, len(tokens))
-    for r in _mlx_lm_stream_generate(model, tokenizer, tail, max_tokens, **kwargs):
-        yield replace(r, prompt_tokens=len(tokens), prompt_tps=len(tokens) / (head_s + r.prompt_tokens / r.prompt_tps))
+    try:
+        for r in _mlx_lm_stream_generate(model, tokenizer, tail, max_tokens, **kwargs):
+            yield replace(r, prompt_tokens=len(tokens), prompt_tps=len(tokens) / (head_s + r.prompt_tokens / r.prompt_tps))
+    finally:
+        if group is not None and group.size() > 1:
+            # mlx-lm computes one step ahead; its all-reduces must end before the ranks' next
+            # collective on another stream, or the ranks pair the wrong messages.
+            mx.synchronize(generation_stream)
 
 
-def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+def generate(model, tokenizer, prompt, verbose: bool = False, group=None, **kwargs) -> str:
+    """The whole reply; `verbose` prints it as it streams (on rank 0 only, when sharded)."""
+    verbose = verbose and (group is None or group.rank() == 0)
     text, response = "", None
-    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+    for response in stream_generate(model, tokenizer, prompt, group=group, **kwargs):
         if verbose:
             print(response.text, end="", flush=True)
         text += response.text

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
 from huggingface_hub import snapshot_download
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_tokenizer, save_config
 from mlx_lm.utils import load_model as _mlx_lm_load_model
@@ -63,14 +64,26 @@ def resolve(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
     return path
 
 
+def _load_model(path: Path, lazy: bool, strict: bool, model_config, fuse: bool, group):
+    """mlx-lm's loader with our classes; sharded like `mlx_lm.utils.sharded_load` when `group`
+    has more than one rank: lazily, so each rank reads only its share into memory."""
+    sharded = group is not None and group.size() > 1
+    model, config = _mlx_lm_load_model(path, lazy or sharded, strict, _our_classes(model_config),
+                                       get_model_classes=get_model_classes)
+    if sharded:
+        model.shard(group)
+        if not lazy:
+            mx.eval(model.parameters())
+    if fuse:
+        model.fuse(materialize=not lazy)
+    return model, config
+
+
 def load_model(path_or_hf_repo, lazy: bool = False, strict: bool = True, model_config=None,
-               fuse: bool = True) -> Model:
+               fuse: bool = True, group=None) -> Model:
     """Weights and config only; no tokenizer needed. `fuse=False` keeps the checkpoint's
-    separate projections (to copy weights by name)."""
-    model, _ = _mlx_lm_load_model(
-        resolve(str(path_or_hf_repo)), lazy, strict, _our_classes(model_config), get_model_classes=get_model_classes
-    )
-    return model.fuse(materialize=not lazy) if fuse else model
+    separate projections (to copy weights by name); `group` shards the model over its ranks."""
+    return _load_model(resolve(str(path_or_hf_repo)), lazy, strict, model_config, fuse, group)[0]
 
 
 @contextmanager
@@ -87,13 +100,12 @@ def _quiet_transformers():
 
 
 def load(path_or_hf_repo, tokenizer_config=None, model_config=None, lazy: bool = False,
-         return_config: bool = False, revision: Optional[str] = None, fuse: bool = True):
+         return_config: bool = False, revision: Optional[str] = None, fuse: bool = True, group=None):
     """Returns `(model, tokenizer)`, the tokenizer wrapped by mlx-lm (streaming detokenizer, chat
-    template). The model's stacked projections (`Model.fuse`) unless `fuse=False`."""
+    template). The model's stacked projections (`Model.fuse`) unless `fuse=False`; with a
+    distributed `group` of several ranks, this rank's shard (`Model.shard`)."""
     path = resolve(str(path_or_hf_repo), revision)
-    model, config = _mlx_lm_load_model(path, lazy, True, _our_classes(model_config), get_model_classes=get_model_classes)
-    if fuse:
-        model.fuse(materialize=not lazy)
+    model, config = _load_model(path, lazy, True, model_config, fuse, group)
     with _quiet_transformers():
         tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
     return (model, tokenizer, config) if return_config else (model, tokenizer)

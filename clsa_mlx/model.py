@@ -6,6 +6,7 @@ import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache, RotatingKVCache
+from mlx.nn.layers.distributed import shard_linear
 
 from .config import ModelArgs
 from .retention import gated_retention
@@ -58,6 +59,24 @@ def fuse_linears(module: nn.Module, names, fused_name: str):
     module[fused_name] = fused
 
 
+def shard_linears(module: nn.Module, group, into=(), out=(), segments=None):
+    """mlx-lm's tensor parallel: each `into` projection keeps this rank's share of its output
+    rows (its heads), each `out` projection the same share of its input columns and sums the
+    group's partial outputs. `segments` names stacked projections (`fuse`): each part splits alone."""
+    N = group.size()
+    for name in out:
+        p = module[name]
+        cols = p.weight.shape[1] * 32 // p.bits if hasattr(p, "bits") else p.weight.shape[1]
+        if hasattr(p, "group_size") and cols // N % p.group_size:
+            raise ValueError(f"cannot shard over {N} ranks: {name} has {cols} input columns, {cols // N} per rank "
+                             f"is not a multiple of the quantization group size {p.group_size}")
+    for name in into:
+        if name in module:
+            module[name] = shard_linear(module[name], "all-to-sharded", segments=(segments or {}).get(name, 1), group=group)
+    for name in out:
+        module[name] = shard_linear(module[name], "sharded-to-all", group=group)
+
+
 class FeedForwardNetwork(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -72,6 +91,9 @@ class FeedForwardNetwork(nn.Module):
 
     def fuse(self):
         fuse_linears(self, ("fc1", "gate"), "fc1_gate")
+
+    def shard(self, group):
+        shard_linears(self, group, ("fc1", "gate", "fc1_gate"), ("fc2",), {"fc1_gate": 2})
 
 
 def split_heads(x, n_heads):
@@ -121,6 +143,12 @@ class SlidingWindowAttention(nn.Module):
     def fuse(self):
         fuse_linears(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
 
+    def shard(self, group):
+        q, k = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        shard_linears(self, group, ("q_proj", "k_proj", "v_proj", "qkv_proj"), ("out_proj",), {"qkv_proj": [q, q + k]})
+        self.n_heads //= group.size()
+        self.n_kv_heads //= group.size()
+
 
 class GateRetention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -155,6 +183,10 @@ class GateRetention(nn.Module):
         cache.advance(L)
         o = merge_heads(mx.fast.rms_norm(o, None, self.eps)).astype(x.dtype)
         return self.out_proj(nn.silu(self.g_proj(x)) * o)
+
+    def shard(self, group):
+        shard_linears(self, group, ("q_proj", "k_proj", "v_proj", "g_proj", "gt_proj"), ("out_proj",))
+        self.n_heads //= group.size()
 
 
 class DecoderLayer(nn.Module):
@@ -224,6 +256,10 @@ class CrossAttention(nn.Module):
             )
         return self.out_proj(merge_heads(o))
 
+    def shard(self, group):
+        shard_linears(self, group, ("q_proj",), ("out_proj",))
+        self.n_heads //= group.size()
+
 
 class Indexer(nn.Module):
     """CLSA's single-head router. It reads H (after kv_layer_norm), has no RoPE, and its
@@ -290,6 +326,12 @@ class CrossDecoder(nn.Module):
             x = layer(x, memory)
         return x
 
+    def shard(self, group):
+        """Each rank writes and reads only its KV heads of the one global K/V. The indexer stays
+        whole: every rank routes from the same H, so all pick the same tokens without a message."""
+        shard_linears(self, group, ("k_proj", "v_proj"))
+        self.n_kv_heads //= group.size()
+
 
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -331,6 +373,26 @@ class Model(nn.Module):
                 mx.eval(layer.parameters())
         return self
 
+    def shard(self, group: Optional[mx.distributed.Group] = None):
+        """Tensor parallel over `group` (mlx-lm's `shard`): every layer's heads and FFN columns
+        split over the ranks, one all-reduce after each mixer and each FFN; the embedding, the
+        norms, the indexer and the output head stay whole. Stacked projections (`fuse`) split too."""
+        group = group or mx.distributed.init()
+        N = group.size()
+        if N == 1:
+            return self
+        a = self.args
+        counts = dict(n_self_heads=a.n_self_heads, n_self_kv_heads=a.n_self_kv_heads, n_attn_heads=a.n_attn_heads,
+                      n_attn_kv_heads=a.n_attn_kv_heads, hidden_dim=a.hidden_dim)
+        bad = [f"{name} {n}" for name, n in counts.items() if n % N]
+        if bad:
+            raise ValueError(f"cannot shard over {N} ranks: {', '.join(bad)} not divisible by {N}")
+        for layer in self.layers:
+            layer.mixer.shard(group)
+            layer.ffn.shard(group)
+        self.cross_decoder.shard(group)
+        return self
+
     def make_cache(self):
         """Per self layer a window or retention state; one global K/V; one index-key cache."""
         window = self.self_decoder.window
@@ -350,7 +412,7 @@ class Model(nn.Module):
         of 256: MLX CUDA's decode attention ran 5x slower over 131136 rows than over 131328."""
         a, n = self.args, len(self.self_decoder.layers)
         dtype = self.cross_decoder.kv_layer_norm.weight.dtype
-        shapes = [(a.n_attn_kv_heads, a.head_dim, a.head_dim), (1, a.index_head_dim, 0)]
+        shapes = [(self.cross_decoder.n_kv_heads, a.head_dim, a.head_dim), (1, a.index_head_dim, 0)]
         for c, (heads, kd, vd) in zip(cache[n:], shapes):
             size = -(-(c.offset + n_tokens) // c.step) * c.step
             if c.keys is not None and c.keys.shape[2] >= size:

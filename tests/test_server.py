@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 
@@ -52,13 +53,13 @@ def chat(port, messages):
         return json.loads(r.read())["choices"][0]["message"]["content"]
 
 
-@pytest.fixture(scope="module", params=list(ARCHS))
-def server(request, tmp_path_factory):
-    folder = make_tiny_folder(tmp_path_factory.mktemp(request.param), seed=5, **ARCHS[request.param])
+@contextmanager
+def serve(folder, log_path, launcher=()):
+    """`python -m mlx_lm server` on a free port (under `launcher`, e.g. mlx.launch); yields (port, log)."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
+    log = open(log_path, "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm", "server", "--model", str(folder), "--trust-remote-code",
+        [*launcher, sys.executable, "-m", "mlx_lm", "server", "--model", str(folder), "--trust-remote-code",
          "--host", "127.0.0.1", "--port", str(port), "--prefill-step-size", "256"],
         stdout=log, stderr=subprocess.STDOUT,
     )
@@ -69,13 +70,23 @@ def server(request, tmp_path_factory):
             break
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
                 log.seek(0)
                 pytest.fail(f"mlx_lm.server did not start:\n{log.read()[-3000:]}")
             time.sleep(0.5)
-    yield port, log
-    proc.terminate()
-    proc.wait(30)
-    log.close()
+    try:
+        yield port, log
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def server(request, tmp_path_factory):
+    folder = make_tiny_folder(tmp_path_factory.mktemp(request.param), seed=5, **ARCHS[request.param])
+    with serve(folder, tmp_path_factory.mktemp("log") / "server.log") as running:
+        yield running
 
 
 def test_concurrent_requests_get_their_sequential_answers(server):
