@@ -157,8 +157,8 @@ def decode_bytes(model, arch, c, context, cache_bytes):
     if arch == "transformer":
         return weights + cache_bytes
     a, n_cross = model.args, c["n_layers"] // 2
-    token = 2 * a.n_attn_kv_heads * a.head_dim * 2  # K and V rows, bf16
-    swa = n_cross * 2 * min(context, a.sliding_window) * a.n_self_kv_heads * a.self_head_dim * 2
+    token = 2 * model.cross_decoder.n_kv_heads * a.head_dim * 2  # K and V rows, bf16 (this rank's heads)
+    swa = n_cross * 2 * min(context, a.sliding_window) * model.self_decoder.layers[0].mixer.n_kv_heads * a.self_head_dim * 2
     if arch == "yoco":
         return weights + swa + n_cross * context * token
     return weights + swa + context * a.index_head_dim * 2 + (n_cross + 2) * a.index_topk * token

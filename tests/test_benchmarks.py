@@ -128,3 +128,17 @@ def test_bench_batch_micro(tmp_path):
     assert ran[("clsa", 300, 1)]["cache_gb_per_seq"] < ran[("transformer", 300, 1)]["cache_gb_per_seq"]
     assert data["summary"]["300"]["largest"]["clsa"]["largest_batch"] == 3
     assert data["machine"]["mlx"] and (tmp_path / "bench_batch_micro.png").stat().st_size > 1000
+
+
+def test_shard_bytes_halves_what_each_rank_holds():
+    from benchmarks.shard_bytes import per_rank
+
+    c = bench_models.CONFIGS["micro"]
+    one, two = (per_rank("clsa", c, 0, n, [64]) for n in (1, 2))
+    hd = c["dim"] // c["heads"]
+    assert one["cache_bytes_per_token"] == 2 * c["kv_heads"] * hd * 2 + c["d_idx"] * 2
+    assert two["cache_bytes_per_token"] == 2 * c["kv_heads"] // 2 * hd * 2 + c["d_idx"] * 2  # index keys stay whole
+    assert one["weights_bytes"] / 2 < two["weights_bytes"] < one["weights_bytes"]  # embedding and head stay whole
+    assert two["allreduces_per_token"] == 2 * c["n_layers"] and one["allreduces_per_token"] == 0
+    llama_two = per_rank("transformer", c, 0, 2, [64])
+    assert llama_two["cache_bytes_per_token"] == c["n_layers"] * 2 * c["kv_heads"] // 2 * hd * 2

@@ -3,6 +3,8 @@
 streaming and not, with the text each gets alone, and answers afterwards."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,7 +63,7 @@ def serve(folder, log_path, launcher=()):
     proc = subprocess.Popen(
         [*launcher, sys.executable, "-m", "mlx_lm", "server", "--model", str(folder), "--trust-remote-code",
          "--host", "127.0.0.1", "--port", str(port), "--prefill-step-size", "256"],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # one group: mlx.launch's ranks too
     )
     deadline = time.time() + 120
     while True:
@@ -70,14 +72,14 @@ def serve(folder, log_path, launcher=()):
             break
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 log.seek(0)
                 pytest.fail(f"mlx_lm.server did not start:\n{log.read()[-3000:]}")
             time.sleep(0.5)
     try:
         yield port, log
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)  # mlx.launch does not pass SIGTERM on to its ranks
         proc.wait(30)
         log.close()
 
