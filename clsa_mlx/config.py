@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,6 +37,7 @@ class ModelArgs(BaseModelArgs):
             self.self_decoder = "gated_retention" if self.sliding_window is None else "swa"
         if self.n_self_kv_heads is None:
             self.n_self_kv_heads = self.n_self_heads
+        self._check_values()
         if self.embed_scale is None:
             self.embed_scale = self.dim**0.5
         self._check()
@@ -57,6 +59,37 @@ class ModelArgs(BaseModelArgs):
                 problems.append(f"dim {self.dim} must split into {heads} heads, and {heads} heads into {kv} groups")
         if self.index_topk < 0:
             problems.append(f"index_topk must be >= 0 (0 = dense YOCO), got {self.index_topk}")
+        if problems:
+            raise ValueError("bad model config: " + "; ".join(problems))
+
+    def _check_values(self):
+        """Types and ranges first, so that a bad value is named, not met as a ZeroDivisionError."""
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v):
+            return integer(v) or (isinstance(v, float) and math.isfinite(v))
+
+        problems = []
+        if self.model_type not in ("clsa", "yoco"):
+            problems.append(f"model_type must be 'clsa' or 'yoco', got {repr(self.model_type)[:40]}")
+        for name in ("dim", "n_layers", "hidden_dim", "n_self_heads", "n_attn_heads", "n_attn_kv_heads", "vocab_size",
+                     "n_self_kv_heads", "index_head_dim"):
+            v = getattr(self, name)
+            if not integer(v) or v <= 0:
+                problems.append(f"{name} must be a positive integer, got {repr(v)[:40]}")
+        for name in ("max_seq_len", "index_topk"):
+            if not integer(getattr(self, name)):
+                problems.append(f"{name} must be an integer, got {repr(getattr(self, name))[:40]}")
+        if self.sliding_window is not None and (not integer(self.sliding_window) or self.sliding_window <= 0):
+            problems.append(f"sliding_window must be a positive integer or null, got {repr(self.sliding_window)[:40]}")
+        for name in ("rope_theta", "norm_eps", "gate_logit_normalizer", "embed_scale"):
+            v = getattr(self, name)
+            if (v is not None or name != "embed_scale") and (not number(v) or v <= 0):
+                problems.append(f"{name} must be a positive finite number, got {repr(v)[:40]}")
+        for name in ("cross_rope", "qk_norm", "cross_qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {repr(getattr(self, name))[:40]}")
         if problems:
             raise ValueError("bad model config: " + "; ".join(problems))
 

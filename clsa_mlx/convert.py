@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten
 
 from . import torch_pickle
 from .config import ModelArgs
-from .loading import add_model_file
+from .loading import add_model_file, check_vocab, one_line
 
 MAX_SHARD_GB = 5.0  # mlx-lm's MAX_FILE_SIZE_GB
 DTYPES = ("float16", "bfloat16", "float32")
@@ -169,6 +169,20 @@ def _read_files(files, reader, index_file: Optional[Path] = None) -> dict:
     return weights
 
 
+def _root(folder: Path) -> Path:
+    """What a source folder's files must resolve into: the folder, or for a hub snapshot its
+    repository cache (a snapshot's files are links into the cache's blobs/)."""
+    folder = folder.resolve()
+    return folder.parent.parent if folder.parent.name == "snapshots" else folder
+
+
+def inside(folder: Path, path: Path, what: str) -> Path:
+    """`path`, if it resolves inside `folder` (no `..`, absolute names or links out of it)."""
+    if not path.resolve().is_relative_to(_root(folder)):
+        raise ConvertError(f"{folder}: {what} {str(path)[:200]} resolves outside the folder; refusing to read it")
+    return path
+
+
 def _sharded(folder: Path, index_name: str, pattern: str):
     index = folder / index_name
     if index.is_file():
@@ -177,12 +191,12 @@ def _sharded(folder: Path, index_name: str, pattern: str):
                 names = sorted(set(json.load(fh)["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise ConvertError(f"{index}: not a valid weight index") from None
-        files = [folder / n for n in names]
+        files = [inside(folder, folder / str(n), f"{index_name} names shard") for n in names]
         for f in files:
             if not f.is_file():
                 raise ConvertError(f"{index}: shard {f.name} is missing")
         return files, index
-    return sorted(Path(p) for p in glob.glob(str(folder / pattern))), None
+    return sorted(inside(folder, Path(p), "weight file") for p in glob.glob(str(folder / pattern))), None
 
 
 # --------------------------------------------------------------------------------------
@@ -284,10 +298,10 @@ class _NamesInSource(dict):
 
 def _load_json(path: Path) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSON or UTF-8 errors, nesting too deep
+        raise ConvertError(f"{path}: not valid JSON ({one_line(e, 120)})") from None
     if not isinstance(d, dict):
         raise ConvertError(f"{path}: expected a JSON object")
     return d
@@ -427,7 +441,7 @@ def _find_checkpoint(src: Path):
             raise ConvertError(f"{src}: not a checkpoint file (.pth, .pt, .bin or .safetensors)")
         return kind, [src], None
     if (src / "checkpoint.pth").is_file():  # the official release layout
-        return "pth", [src / "checkpoint.pth"], None
+        return "pth", [inside(src, src / "checkpoint.pth", "checkpoint")], None
     files, index = _sharded(src, "model.safetensors.index.json", "*.safetensors")
     if files:
         return "safetensors", files, index
@@ -438,7 +452,7 @@ def _find_checkpoint(src: Path):
     if len(pths) > 1:
         raise ConvertError(f"{src}: several checkpoints ({', '.join(p.name for p in pths)}); pass the one to convert")
     if pths:
-        return "pth", pths, None
+        return "pth", [inside(src, p, "checkpoint") for p in pths], None
     raise ConvertError(f"{src}: no checkpoint found (checkpoint.pth + params.json, *.safetensors or pytorch_model*.bin)")
 
 
@@ -596,7 +610,7 @@ def copy_tokenizer(src: Path, dst: Path) -> list:
     for pattern in TOKENIZER_PATTERNS:
         for p in sorted(src.glob(pattern)):
             if p.is_file() and p.name not in copied:
-                shutil.copyfile(p, dst / p.name)
+                shutil.copyfile(inside(src, p, "tokenizer file"), dst / p.name)
                 copied.append(p.name)
     return copied
 
@@ -666,6 +680,8 @@ def convert(
         copied = copy_tokenizer(tok_src, tmp)
         if not copied:
             _log("[WARN] No tokenizer files found; pass --tokenizer to include them (clsa_mlx.load needs one)")
+        else:
+            _check_tokenizer(tmp, tok_src, args.vocab_size)
         _write_card(tmp, str(torch_path) if not Path(torch_path).expanduser().exists() else None)
         if dst.exists() or dst.is_symlink():
             raise ConvertError(f"{dst}: appeared while converting; not overwriting it")
@@ -679,6 +695,17 @@ def convert(
 
         upload_to_hub(str(dst), upload_repo)
     return dst
+
+
+def _check_tokenizer(folder: Path, src: Path, vocab_size: int):
+    from mlx_lm.utils import load_tokenizer
+
+    try:
+        check_vocab(load_tokenizer(folder), vocab_size, src)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    except Exception as e:  # transformers' many error types: the files do not make a tokenizer
+        raise ConvertError(f"{src}: the tokenizer files do not load ({one_line(e)})") from None
 
 
 def _write_card(folder: Path, hub_id: Optional[str]):

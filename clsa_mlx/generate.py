@@ -18,11 +18,18 @@ class ContextOverflowError(ValueError):
     pass
 
 
-def encode(tokenizer, prompt: Union[str, List[int], mx.array]) -> List[int]:
+def encode(tokenizer, prompt: Union[str, List[int], mx.array], vocab_size: int) -> List[int]:
+    """Token ids of `prompt`, each checked against the vocabulary (an id past the embedding reads
+    outside it)."""
     if isinstance(prompt, str):
         bos = getattr(tokenizer, "bos_token", None)
-        return tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
-    return prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
+        ids = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    else:
+        ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
+    for i, t in enumerate(ids):
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
+            raise ValueError(f"prompt token {i}: {repr(t)[:40]} is not a token id of this model (0..{vocab_size - 1})")
+    return ids
 
 
 def context_used(model, prompt_cache) -> int:
@@ -57,7 +64,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, group=None,
         raise ValueError("kv_bits: KV-cache quantization is not supported for CLSA/YOCO caches")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
-    tokens = encode(tokenizer, prompt)
+    tokens = encode(tokenizer, prompt, model.args.vocab_size)
     cache = kwargs["prompt_cache"] = kwargs.get("prompt_cache") or model.make_cache()
     limit = model.args.max_seq_len
     if limit > 0:

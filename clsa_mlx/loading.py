@@ -39,6 +39,19 @@ def add_model_file(folder) -> Path:
     return folder
 
 
+def one_line(e: BaseException, n: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def check_vocab(tokenizer, vocab_size: int, where) -> None:
+    """Every id the tokenizer can produce must have a row in the embedding."""
+    n = len(getattr(tokenizer, "_tokenizer", tokenizer))
+    if n > vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {n} tokens but the model's vocab_size is {vocab_size} "
+                         f"(ids {vocab_size} and up have no embedding); wrong tokenizer for this model?")
+
+
 def get_model_classes(config: dict):
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
@@ -68,8 +81,11 @@ def _load_model(path: Path, lazy: bool, strict: bool, model_config, fuse: bool, 
     """mlx-lm's loader with our classes; sharded like `mlx_lm.utils.sharded_load` when `group`
     has more than one rank: lazily, so each rank reads only its share into memory."""
     sharded = group is not None and group.size() > 1
-    model, config = _mlx_lm_load_model(path, lazy or sharded, strict, _our_classes(model_config),
-                                       get_model_classes=get_model_classes)
+    try:
+        model, config = _mlx_lm_load_model(path, lazy or sharded, strict, _our_classes(model_config),
+                                           get_model_classes=get_model_classes)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:  # config.json or weights
+        raise ValueError(f"{path}: {one_line(e)}") from None
     if sharded:
         model.shard(group)
         if not lazy:
@@ -108,4 +124,5 @@ def load(path_or_hf_repo, tokenizer_config=None, model_config=None, lazy: bool =
     model, config = _load_model(path, lazy, True, model_config, fuse, group)
     with _quiet_transformers():
         tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+    check_vocab(tokenizer, model.args.vocab_size, path)
     return (model, tokenizer, config) if return_config else (model, tokenizer)

@@ -10,7 +10,9 @@ A plain `pickle.load` would import and call whatever globals the file names
 (`os.system` through `__reduce__` is the classic exploit). Here `find_class` is an
 allowlist: it hands out *our own* small functions for the tensor-rebuild globals and
 a few plain containers, and refuses every other global with an error that names it,
-before anything is called. Storages become numpy views of a read-only memory map of
+before anything is called. BUILD may only fill the dicts of containers this load made (and set
+a numpy dtype's byte order); the stand-ins it hands out are frozen; compressed or encrypted
+entries are refused (torch.save stores), so no allocation outgrows the file. Storages become numpy views of a read-only memory map of
 the archive (zero copy; CRC-checked when first used), so converting needs no torch install.
 
 bfloat16 (and float8) have no numpy dtype: their raw bits are kept (uint16 / uint8)
@@ -134,21 +136,22 @@ class TensorData:
 # ---- markers handed out by find_class instead of the real torch objects ----------
 
 
+# Frozen, and the unpickler's BUILD refuses them: one file cannot change what the next one reads.
+@dataclass(frozen=True)
 class _StorageType:
-    def __init__(self, dtype: Optional[str]):
-        self.dtype = dtype  # None for UntypedStorage (the tensor's dtype comes from v3)
+    dtype: Optional[str]  # None for UntypedStorage (the tensor's dtype comes from v3)
 
 
+@dataclass(frozen=True)
 class _DType:
-    def __init__(self, name: str):
-        self.name = name
+    name: str
 
 
+@dataclass(frozen=True)
 class _TensorClass:
     """Stands for `torch.Tensor` / `torch.nn.parameter.Parameter` in `_rebuild_from_type_v2`."""
 
-    def __init__(self, name: str):
-        self.name = name
+    name: str
 
 
 @dataclass
@@ -242,26 +245,52 @@ class _Namespace(types.SimpleNamespace):
     """Inert stand-in for argparse.Namespace (old fairseq checkpoints keep their args in one)."""
 
 
+def _plain(dtype) -> bool:
+    return isinstance(dtype, np.dtype) and dtype.kind in "biufc" and dtype.names is None and dtype.subdtype is None
+
+
 def _np_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-        raise UnsafePickleError("numpy scalar of a non-plain dtype")
+    if not _plain(dtype) or not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise UnsafePickleError("numpy scalar of a non-plain dtype or of the wrong size")
     return np.frombuffer(data, dtype)[0].item()
 
 
 def _np_dtype(name, align=False, copy=True):
     if not isinstance(name, str) or len(name) > 4 or not name[:1].isalpha():
         raise UnsafePickleError(f"numpy dtype {name!r}")
-    d = np.dtype(name)
-    if d.hasobject:
+    try:
+        d = np.dtype(name)
+    except TypeError:
+        raise UnsafePickleError(f"numpy dtype {name!r}") from None
+    if not _plain(d):
         raise UnsafePickleError(f"numpy dtype {name!r}")
     return d
+
+
+def _dtype_with_state(d: np.dtype, state):
+    """numpy pickles a dtype as np.dtype(name) + BUILD (version, byte order, None, None, None,
+    -1, -1, flags). Only the byte order is taken, into a new dtype: fields, sizes and offsets
+    from a file could make a dtype that reads outside its buffer."""
+    if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in ("<", ">", "|", "=")
+            and state[2] is None and state[3] is None and state[4] is None):
+        raise UnsafePickleError("numpy dtype state with fields, a subarray or a size of its own")
+    return d.newbyteorder(state[1]) if state[1] != "|" else d
+
+
+def _bytearray(data=b"", encoding=None):
+    # protocol 2-4 pickle a bytearray as bytearray(str, "latin-1") or bytearray(bytes); never a size
+    if isinstance(data, str) and encoding in ("latin1", "latin-1"):
+        return bytearray(data, encoding)
+    if isinstance(data, bytes) and encoding is None:
+        return bytearray(data)
+    raise UnsafePickleError("bytearray of something other than bytes (a size would allocate it)")
 
 
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytearray"): _bytearray,
     ("builtins", "complex"): complex,
     ("_codecs", "encode"): _codecs_encode,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -285,18 +314,38 @@ for _dt in _DTYPES:
     _ALLOWED[("torch", _dt)] = _DType(_dt)
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, so that BUILD (`__setstate__`, attribute updates) can be
+    checked: it may fill only dicts of the objects this load created (an OrderedDict's
+    `_metadata`, a Namespace's fields) and set a numpy dtype's byte order, nothing else."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, file, storage_loader, where):
         super().__init__(file, encoding="utf-8")
         self._load_storage = storage_loader
         self._where = where
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, np.dtype):
+            self.stack[-1] = _dtype_with_state(inst, state)
+            return
+        if type(inst) not in (collections.OrderedDict, _Namespace) or not isinstance(state, dict) \
+                or not all(isinstance(k, str) for k in state):
+            raise UnsafePickleError(f"{self._where}: refusing to load: the pickle sets the state of a "
+                                    f"{type(inst).__name__}, which only plain containers may have")
+        inst.__dict__.update(state)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module, name):
         try:
             return _ALLOWED[(module, name)]
         except (KeyError, TypeError):
             raise UnsafePickleError(
-                f"{self._where}: refusing to load: the pickle asks for the global {module}.{name}, "
+                f"{self._where}: refusing to load: the pickle asks for the global {_cut(module, 60)}.{_cut(name, 60)}, "
                 "which is not a tensor or plain container (it could run code)"
             ) from None
 
@@ -310,6 +359,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")
+
+
+def _cut(text, n: int = 120) -> str:
+    """A name from the file, cut so an error stays one readable line."""
+    text = repr(str(text))[1:-1]
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
 
 
 class _Archive:
@@ -342,12 +397,20 @@ class _Archive:
             raise TorchFormatError(f"{self.path}: bad byteorder record {order!r}")
         self.big_endian = order == b"big"
 
+    def _stored(self, info):
+        # torch.save never compresses: a compressed entry is a crafted file (a small one can inflate to GBs)
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            raise TorchFormatError(f"{self.path}: entry {_cut(info.filename)} is compressed or encrypted; "
+                                   "torch.save writes every entry stored")
+        return info
+
     def _read_small(self, name, default=None):
         info = self.infos.get(self.prefix + name)
         if info is None:
             if default is None:
                 raise TorchFormatError(f"{self.path}: missing archive entry {self.prefix + name}")
             return default
+        self._stored(info)
         try:
             return self.zip.read(info)
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
@@ -360,20 +423,17 @@ class _Archive:
         info = self.infos.get(name)
         if info is None:
             raise TorchFormatError(f"{self.path}: missing storage {name} (truncated or corrupted file)")
-        if info.compress_type == zipfile.ZIP_STORED:
-            if info.header_offset + _LOCAL_HEADER.size > self.size:
-                raise TorchFormatError(f"{self.path}: storage {name} lies past the end of the file (truncated)")
-            header = _LOCAL_HEADER.unpack_from(self.map, info.header_offset)
-            if header[0] != b"PK\x03\x04":
-                raise TorchFormatError(f"{self.path}: corrupted local header of {name}")
-            start = info.header_offset + _LOCAL_HEADER.size + header[-2] + header[-1]
-            if start + info.file_size > self.size:
-                raise TorchFormatError(f"{self.path}: storage {name} lies past the end of the file (truncated)")
-            raw = np.frombuffer(self.map, np.uint8, info.file_size, start)
-            crc = info.CRC
-        else:
-            raw = np.frombuffer(self._read_small(f"data/{key}"), np.uint8)  # zipfile checks the CRC
-            crc = None
+        self._stored(info)
+        if info.header_offset + _LOCAL_HEADER.size > self.size:
+            raise TorchFormatError(f"{self.path}: storage {name} lies past the end of the file (truncated)")
+        header = _LOCAL_HEADER.unpack_from(self.map, info.header_offset)
+        if header[0] != b"PK\x03\x04":
+            raise TorchFormatError(f"{self.path}: corrupted local header of {name}")
+        start = info.header_offset + _LOCAL_HEADER.size + header[-2] + header[-1]
+        if start + info.file_size > self.size:
+            raise TorchFormatError(f"{self.path}: storage {name} lies past the end of the file (truncated)")
+        raw = np.frombuffer(self.map, np.uint8, info.file_size, start)
+        crc = info.CRC
         if self.big_endian and dtype in _DTYPES and np.dtype(_DTYPES[dtype]).itemsize > 1:
             if crc is not None and zlib.crc32(raw) != crc:
                 raise TorchFormatError(f"{self.path}: checksum mismatch in {name} (corrupted file)")
@@ -401,6 +461,5 @@ def load(path) -> Any:
         return unpickler.load()
     except TorchFormatError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            struct.error, MemoryError, RecursionError) as e:
-        raise TorchFormatError(f"{path}: corrupted pickle data.pkl ({type(e).__name__}: {e})") from None
+    except Exception as e:  # only our allowlisted functions ran: whatever broke, the file is malformed
+        raise TorchFormatError(f"{path}: corrupted pickle data.pkl ({type(e).__name__}: {_cut(e)})") from None

@@ -397,7 +397,7 @@ def test_quantize_indexer_flag(tmp_path):
 
 
 def test_hub_id_offline(tmp_path):
-    model, args = make_model("swa-clsa")
+    model, args = make_model("swa-clsa", vocab_size=259)  # the tokenizer's 259 tokens
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--acme--tiny-clsa"
     (repo / "refs").mkdir(parents=True)
@@ -426,8 +426,8 @@ def test_hub_id_offline(tmp_path):
 # 5. bad input: one clear line naming the file or key, exit 1, no traceback, nothing written
 
 
-def _official(tmp_path, variant="retention-dense"):
-    model, args = make_model(variant)
+def _official(tmp_path, variant="retention-dense", **extra):
+    model, args = make_model(variant, **extra)
     return write_official(model, args, tmp_path / "src"), model, args
 
 
@@ -640,7 +640,7 @@ def _digest(folder):
 
 @pytest.mark.parametrize("quant", [False, True])
 def test_round_trip_is_byte_identical(tmp_path, quant):
-    model, args = make_model("swa-clsa")
+    model, args = make_model("swa-clsa", vocab_size=259)
     src = write_hf(model, args, tmp_path / "src", "bin", "fla", shards=2)
     write_tokenizer(src)
     extra = ["-q", "--q-group-size", "32"] if quant else []
@@ -666,7 +666,7 @@ def test_sharded_output(tmp_path):
 
 
 def test_tokenizer_flag_and_checkpoint_file_path(tmp_path):
-    src, model, args = _official(tmp_path)
+    src, model, args = _official(tmp_path, vocab_size=259)
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()
     write_tokenizer(tok_dir)

@@ -1,0 +1,290 @@
+"""Hostile and broken inputs, by class: crafted pickles (BUILD on what the reader hands out,
+numpy dtypes and scalars, allocations), compressed archives, shard and tokenizer paths out of
+the source folder, configs, token ids. Each gets one line naming the problem; nothing crashes,
+runs, allocates past the file or changes what a later file reads. Fuzzed with hypothesis."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from convert_fixtures import ROOT, make_model, write_hf, write_official, write_tokenizer
+
+import clsa_mlx
+from clsa_mlx import torch_pickle
+from clsa_mlx.config import ModelArgs
+from clsa_mlx.convert import ConvertError, convert, params_to_args
+from clsa_mlx.generate import stream_generate
+from clsa_mlx.tiny import make_tiny_folder
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+# ---- a few pickle opcodes, to write what no pickler would ----------------------------
+
+def G(module, name):
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+def S(text):
+    b = text.encode()
+    return b"X" + struct.pack("<I", len(b)) + b
+
+
+def I(n):  # noqa: E743
+    return b"J" + struct.pack("<i", n)
+
+
+def B(data):
+    return b"C" + bytes([len(data)]) + data
+
+
+def T(*items):
+    return b"(" + b"".join(items) + b"t"
+
+
+def D(**items):
+    return b"}(" + b"".join(S(k) + v for k, v in items.items()) + b"u"
+
+
+def call(fn, *args):
+    return fn + T(*args) + b"R"
+
+
+def pkl(body):
+    return b"\x80\x03" + body + b"."
+
+
+N = b"N"
+DTYPE_F8 = call(G("numpy", "dtype"), S("f8"), b"\x89", b"\x88")
+
+
+def torch_file(path, payload=None, compress=None):
+    """A real torch.save file of one tensor, its data.pkl replaced by `payload` and its entries
+    written with `compress` (torch.save stores them)."""
+    torch.save({"w": torch.arange(4, dtype=torch.float32)}, path)
+    with zipfile.ZipFile(path) as z:
+        entries = {i.filename: z.read(i) for i in z.infolist()}
+    if payload is not None:
+        entries[next(n for n in entries if n.endswith("data.pkl"))] = payload
+    with zipfile.ZipFile(path, "w", compression=compress or zipfile.ZIP_STORED) as z:
+        for n, data in entries.items():
+            z.writestr(n, data)
+    return path
+
+
+def refused(path, match, kind=torch_pickle.UnsafePickleError):
+    with pytest.raises(kind, match=match) as e:
+        torch_pickle.load(path)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 600
+    return e.value
+
+
+# ---- the reader ---------------------------------------------------------------------
+
+def test_numpy_dtype_given_fields_by_build_is_refused(tmp_path):
+    # dtype('f8') + BUILD with names/fields: a dtype reading outside its buffer (segfault before)
+    state = T(I(3), S("|"), N, T(S("a")), D(a=T(DTYPE_F8, I(10**6))), I(8), I(1), I(0))
+    path = torch_file(tmp_path / "f.pth", pkl(call(G("numpy.core.multiarray", "scalar"), DTYPE_F8 + state + b"b", B(b"\0" * 8))))
+    refused(path, "numpy dtype state with fields")
+
+
+@pytest.mark.parametrize("data", [b"\0" * 2, b"\0" * 9])
+def test_numpy_scalar_of_the_wrong_size_is_refused(tmp_path, data):
+    path = torch_file(tmp_path / "s.pth", pkl(call(G("numpy.core.multiarray", "scalar"), DTYPE_F8, B(data))))
+    refused(path, "wrong size")
+
+
+def test_plain_numpy_scalars_and_namespaces_still_load(tmp_path):
+    import argparse
+
+    torch.save({"f": np.float64(0.5), "i": np.int32(7), "a": argparse.Namespace(lr=0.1)}, tmp_path / "ok.pt")
+    got = torch_pickle.load(tmp_path / "ok.pt")
+    assert got["f"] == 0.5 and got["i"] == 7 and got["a"].lr == 0.1
+
+
+@pytest.mark.parametrize("target", [("torch", "FloatStorage"), ("torch", "float32"), ("torch", "Tensor"),
+                                    ("argparse", "Namespace"), ("collections", "OrderedDict"),
+                                    ("torch._utils", "_rebuild_tensor_v2")])
+def test_build_on_what_the_reader_hands_out_is_refused_and_poisons_nothing(tmp_path, target):
+    before = {k: (v, dict(getattr(v, "__dict__", {}))) for k, v in torch_pickle._ALLOWED.items()}
+    evil = pkl(G(*target) + b"}" + S("dtype") + S("int64") + b"s" + b"b")
+    refused(torch_file(tmp_path / "evil.pth", evil), "sets the state of")
+    assert {k: (v, dict(getattr(v, "__dict__", {}))) for k, v in torch_pickle._ALLOWED.items()} == before
+    clean = torch_pickle.load(torch_file(tmp_path / "clean.pth"))  # a later file reads as it should
+    assert clean["w"].dtype == "float32" and clean["w"].array.tolist() == [0, 1, 2, 3]
+
+
+def test_bytearray_of_a_size_is_refused_before_allocating(tmp_path):
+    path = torch_file(tmp_path / "b.pth", pkl(call(G("builtins", "bytearray"), I(2**30))))
+    refused(path, "bytearray of something other than bytes")
+
+
+@pytest.mark.parametrize("compress", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2])
+def test_compressed_entries_are_refused(tmp_path, compress):
+    refused(torch_file(tmp_path / "z.pth", compress=compress), "compressed or encrypted", torch_pickle.TorchFormatError)
+
+
+def test_a_huge_global_name_is_cut_in_the_error(tmp_path):
+    err = refused(torch_file(tmp_path / "n.pth", pkl(G("os", "x" * 4_000_000))), "refusing to load")
+    assert len(str(err)) < 600
+
+
+ATOMS = [G(m, n) for m, n in torch_pickle._ALLOWED] + [
+    G("os", "system"), S("f8"), S("|"), S("little"), I(0), I(3), I(-1), I(2**30), B(b"\0" * 8), N, b"\x88", b"\x89",
+    b"(", b"t", b"R", b"b", b"}", b"s", b"u", b"]", b"a", b"e", b"0", b"2", b"q\x00", b"h\x00", b")",
+]
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(ATOMS), max_size=30))
+def test_fuzzed_opcode_streams_raise_only_format_errors(tmp_path, atoms):
+    snapshot = {k: dict(getattr(v, "__dict__", {})) for k, v in torch_pickle._ALLOWED.items()}
+    path = torch_file(tmp_path / "fz.pth", pkl(b"".join(atoms)))
+    try:
+        torch_pickle.load(path)
+    except torch_pickle.TorchFormatError as e:
+        assert "\n" not in str(e) and len(str(e)) < 600
+    assert {k: dict(getattr(v, "__dict__", {})) for k, v in torch_pickle._ALLOWED.items()} == snapshot
+
+
+@FUZZ
+@given(st.data())
+def test_fuzzed_bytes_of_a_real_checkpoint_raise_only_format_errors(tmp_path, data):
+    src = torch_file(tmp_path / "real.pth")
+    raw = bytearray(src.read_bytes())
+    for _ in range(data.draw(st.integers(1, 8))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(len(raw) // 2, len(raw)))
+    (tmp_path / "m.pth").write_bytes(bytes(raw[:cut]))
+    try:
+        for v in torch_pickle.load(tmp_path / "m.pth").values():
+            v.to_mlx() if isinstance(v, torch_pickle.TensorData) else None
+    except torch_pickle.TorchFormatError as e:
+        assert "\n" not in str(e)
+    except AttributeError:  # the pickle made something that is not a dict: convert.py reports that
+        pass
+
+
+# ---- paths out of the source folder ---------------------------------------------------
+
+def test_shard_index_naming_files_outside_the_folder_is_refused(tmp_path):
+    model, args = make_model("swa-clsa")
+    src = write_hf(model, args, tmp_path / "src", "safetensors", "fla", shards=2)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "elsewhere").mkdir()
+    os.replace(src / shard, tmp_path / "elsewhere" / shard)
+    for name in (f"../elsewhere/{shard}", str(tmp_path / "elsewhere" / shard)):
+        index["weight_map"] = {k: (name if v == shard else v) for k, v in index["weight_map"].items()}
+        (src / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(ConvertError, match="resolves outside the folder"):
+            convert(str(src), str(tmp_path / "out"), progress=False)
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_tokenizer_file_linked_out_of_the_folder_is_not_copied(tmp_path):
+    model, args = make_model("retention-dense", vocab_size=259)
+    src = write_official(model, args, tmp_path / "src")
+    (tmp_path / "secret.txt").write_text("ssh key")
+    (src / "tokenizer.json").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(ConvertError, match="tokenizer file .*resolves outside the folder"):
+        convert(str(src), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+# ---- vocabulary and token ids ----------------------------------------------------------
+
+def test_tokenizer_larger_than_the_model_is_refused_by_convert_and_load(tmp_path):
+    model, args = make_model("retention-dense")  # 97 tokens
+    src = write_official(model, args, tmp_path / "src")
+    write_tokenizer(src)  # 259
+    with pytest.raises(ConvertError, match="tokenizer has 259 tokens but the model's vocab_size is 97"):
+        convert(str(src), str(tmp_path / "out"), progress=False)
+    folder = make_tiny_folder(tmp_path / "tiny", vocab_size=100)
+    with pytest.raises(ValueError, match="tokenizer has 259 tokens but the model's vocab_size is 100"):
+        clsa_mlx.load(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return clsa_mlx.load(make_tiny_folder(tmp_path_factory.mktemp("t")))
+
+
+@pytest.mark.parametrize("bad", [259, 10**9, -1, 2.5, True])
+def test_token_ids_outside_the_vocabulary_are_refused(tiny, bad):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"prompt token 1: .* is not a token id of this model \(0\.\.258\)"):
+        next(stream_generate(model, tokenizer, [5, bad, 6], max_tokens=2))
+    with pytest.raises(ValueError, match="is not a token id"):
+        next(stream_generate(model, tokenizer, mx.array([5, bad, 6]) if isinstance(bad, int) and abs(bad) < 2**31
+                             and not isinstance(bad, bool) else [bad], max_tokens=2))
+
+
+# ---- configs --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value,message", [
+    ("rope_theta", 0, "rope_theta must be a positive finite number"),
+    ("n_self_heads", 0, "n_self_heads must be a positive integer"),
+    ("dim", "64", "dim must be a positive integer, got '64'"),
+    ("model_type", "llama", "model_type must be 'clsa' or 'yoco'"),
+    ("norm_eps", float("nan"), "norm_eps must be a positive finite number"),
+    ("sliding_window", -4, "sliding_window must be a positive integer or null"),
+    ("qk_norm", "yes", "qk_norm must be true or false"),
+])
+def test_bad_config_values_are_named(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        ModelArgs(**{key: value})
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                    max_leaves=6)
+PARAMS = dict(dim=64, n_layers=4, hidden_dim=128, n_self_heads=4, n_attn_heads=4, n_attn_kv_heads=2, vocab_size=97)
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(sorted({*PARAMS, "rope_theta", "norm_eps", "sliding_window", "index_topk",
+                                                   "index_head_dim", "max_seq_len", "gate_logit_normalizer"})),
+                       JSON, min_size=1, max_size=3))
+def test_fuzzed_params_give_a_model_or_one_line(changes):
+    try:
+        args = params_to_args({**PARAMS, **changes}, "params.json")
+    except ConvertError as e:
+        assert str(e).startswith("params.json: ") and "\n" not in str(e)
+        return
+    assert args.dim % args.n_attn_heads == 0 and args.rope_theta > 0
+
+
+def test_broken_folders_fail_to_load_with_one_line_naming_the_folder(tmp_path):
+    folder = make_tiny_folder(tmp_path / "m")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=str(folder)):
+        clsa_mlx.load(folder)
+    folder = make_tiny_folder(tmp_path / "t")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=str(folder)) as e:
+        clsa_mlx.load(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_convert_cli_exits_1_with_one_line_for_a_crafted_pickle(tmp_path):
+    model, args = make_model("retention-dense")
+    src = write_official(model, args, tmp_path / "src")
+    evil = pkl(G("torch", "FloatStorage") + b"}" + S("dtype") + S("int64") + b"s" + b"b")
+    torch_file(src / "checkpoint.pth", evil)
+    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--torch-path", str(src), "--mlx-path",
+                        str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "sets the state of" in r.stderr
+    assert not (tmp_path / "out").exists()
