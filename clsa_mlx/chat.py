@@ -152,7 +152,10 @@ def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_toke
     if group.rank() > 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
     if prompt is None and not sys.stdin.isatty() and group.size() == 1:  # mlx.launch always pipes stdin
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            sys.exit("error: the piped input is not UTF-8 text")
     try:
         path = resolve(model) if model else shipped_model()
         m, tokenizer = load(path, group=group)

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (ArraysCache, RotatingKVCache, load_prompt_cache, save_prompt_cache,
+                                  trim_prompt_cache)
 
 from .generate import context_used, prefill, stream_generate
+from .loading import one_line
 
 PREFILL_STEP = 2048
 SENTINEL = "\x00QUESTION\x00"
@@ -175,6 +177,8 @@ class Conversation:
     def save(self, path: str) -> str:
         self._whole_model("/save")
         path = path if path.endswith(".safetensors") else path + ".safetensors"
+        if Path(path).exists() and not _is_session(path):
+            raise ChatError(f"{path}: exists and is not a clsa-mlx session; not overwriting it")
         meta = dict(clsa_mlx_session="1", model_id=self.model_id, system=self.system or "",
                     messages=json.dumps(self.messages), documents=json.dumps(self.documents),
                     text_in_cache=self.text_in_cache, ids=json.dumps(self.ids))
@@ -182,12 +186,14 @@ class Conversation:
         try:
             save_prompt_cache(tmp, self.cache, meta)
             os.replace(tmp, path)
-        except OSError as e:
+        except (OSError, RuntimeError, ValueError) as e:  # MLX reports a missing folder or a full disk as RuntimeError
             Path(tmp).unlink(missing_ok=True)
-            raise ChatError(f"{path}: cannot write ({e.strerror})") from None
+            raise ChatError(f"{path}: cannot write ({getattr(e, 'strerror', None) or one_line(e, 120)}); "
+                            "the conversation is unchanged") from None
         return path
 
     def load(self, path: str):
+        """Checks the whole file against this model before anything of the session changes."""
         self._whole_model("/load")
         path = path if path.endswith(".safetensors") or Path(path).exists() else path + ".safetensors"
         if not Path(path).is_file():
@@ -197,15 +203,76 @@ class Conversation:
             if meta.get("clsa_mlx_session") != "1":
                 raise ValueError("not a clsa-mlx session")
             if meta.get("model_id") != self.model_id:
-                raise ChatError(f"{path}: saved with another model ({meta.get('model_id')}), "
+                raise ChatError(f"{path}: saved with another model ({str(meta.get('model_id'))[:40]}), "
                                 f"this is {self.model_id}; session unchanged")
-            messages, documents, ids = (json.loads(meta[k]) for k in ("messages", "documents", "ids"))
-            if len(cache) != len(self.model.make_cache()) or context_used(self.model, cache) != len(ids):
-                raise ValueError("cache does not match the model")
+            session = _session_fields(meta, self.model.args.vocab_size)
+            self._check_cache(cache, len(session["ids"]))
         except ChatError:
             raise
         except Exception as e:
-            raise ChatError(f"{path}: corrupted or not a session file ({type(e).__name__}); session unchanged") from None
-        self.cache, self.messages, self.documents = cache, messages, documents
-        self.system, self.text_in_cache, self.ids = meta["system"] or None, meta["text_in_cache"], ids
-        self.last = None
+            raise ChatError(f"{path}: corrupted or not a session file of this model ({one_line(e, 160)}); "
+                            "session unchanged") from None
+        self.cache, self.last = cache, None
+        self.messages, self.documents, self.ids = session["messages"], session["documents"], session["ids"]
+        self.system, self.text_in_cache = session["system"] or None, session["text_in_cache"]
+
+    def _check_cache(self, cache, n_ids: int):
+        fresh = self.model.make_cache()
+        if len(cache) != len(fresh):
+            raise ValueError(f"{len(cache)} caches, the model has {len(fresh)}")
+        n = len(self.model.self_decoder.layers)
+        a = self.model.args
+        for i, (c, f) in enumerate(zip(cache, fresh)):
+            if type(c) is not type(f) or getattr(c, "max_size", None) != getattr(f, "max_size", None):
+                raise ValueError(f"cache {i} is a {type(c).__name__} of size {getattr(c, 'max_size', None)}, "
+                                 f"the model's is a {type(f).__name__} of size {getattr(f, 'max_size', None)}")
+            if isinstance(c, ArraysCache):
+                mixer = self.model.self_decoder.layers[i].mixer
+                want, got = (1, mixer.n_heads, a.self_head_dim, a.self_head_dim), c[0]
+                if got is not None and tuple(got.shape) != want:
+                    raise ValueError(f"retention state {i} has shape {tuple(got.shape)}, expected {want}")
+                continue
+            heads, kd, vd = ((self.model.self_decoder.layers[i].mixer.n_kv_heads, a.self_head_dim, a.self_head_dim)
+                             if i < n else (self.model.cross_decoder.n_kv_heads, a.head_dim, a.head_dim)
+                             if i == n else (1, a.index_head_dim, 0))
+            if c.keys is None:
+                if c.offset:
+                    raise ValueError(f"cache {i}: offset {c.offset} with no keys")
+                continue
+            rows = c.keys.shape[2]
+            if (c.keys.shape[:2] != (1, heads) or c.keys.shape[3] != kd or c.values.shape != (1, heads, rows, vd)
+                    or not 0 <= c.offset or (not isinstance(c, RotatingKVCache) and c.offset > rows)
+                    or (isinstance(c, RotatingKVCache) and not (0 <= c._idx <= rows <= c.max_size and c.keep == 0))):
+                raise ValueError(f"cache {i}: keys {tuple(c.keys.shape)}, values {tuple(c.values.shape)}, "
+                                 f"offset {c.offset} do not fit the model")
+        if context_used(self.model, cache) != n_ids:
+            raise ValueError(f"the cache holds {context_used(self.model, cache)} tokens, the session {n_ids}")
+
+
+def _is_session(path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}  # save_prompt_cache flattens its metadata: "<n>.clsa_mlx_session"
+        return any(k.endswith(".clsa_mlx_session") and v == "1" for k, v in meta.items())
+    except Exception:
+        return False
+
+
+def _session_fields(meta: dict, vocab_size: int) -> dict:
+    """The session's own metadata, each field checked for type."""
+    out = {k: meta[k] for k in ("system", "text_in_cache")}
+    out.update({k: json.loads(meta[k]) for k in ("messages", "documents", "ids")})
+    if not all(isinstance(out[k], str) for k in ("system", "text_in_cache")):
+        raise ValueError("system / text_in_cache are not text")
+    if not (isinstance(out["messages"], list) and len(out["messages"]) % 2 == 0 and all(
+            isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] == r and isinstance(m["content"], str)
+            for m, r in zip(out["messages"], ["user", "assistant"] * len(out["messages"])))):
+        raise ValueError("messages are not user/assistant turns")
+    if not (isinstance(out["documents"], list) and all(isinstance(d, str) for d in out["documents"])):
+        raise ValueError("documents are not a list of texts")
+    if not (isinstance(out["ids"], list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+                                                 for t in out["ids"])):
+        raise ValueError("ids are not token ids of this model")
+    return out

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -32,7 +31,7 @@ from mlx.utils import tree_flatten
 
 from . import torch_pickle
 from .config import ModelArgs
-from .loading import add_model_file, check_vocab, one_line
+from .loading import add_model_file, check_vocab, one_line, safetensors_header
 
 MAX_SHARD_GB = 5.0  # mlx-lm's MAX_FILE_SIZE_GB
 DTYPES = ("float16", "bfloat16", "float32")
@@ -91,31 +90,11 @@ class _SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
         self._arrays = None
-        size = path.stat().st_size
         try:
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise ConvertError(f"{path}: truncated safetensors file (no header)")
-                (n,) = struct.unpack("<Q", head)
-                if n > min(size - 8, 100 << 20):
-                    raise ConvertError(f"{path}: corrupted or truncated safetensors header")
-                header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ConvertError(f"{path}: corrupted safetensors header") from None
-        if not isinstance(header, dict):
-            raise ConvertError(f"{path}: corrupted safetensors header")
-        header.pop("__metadata__", None)
-        data_size = size - 8 - n
-        self.tensors = {}
-        for key, info in header.items():
-            try:
-                dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ConvertError(f"{path}: corrupted safetensors entry for {key}") from None
-            if end > data_size or begin > end:
-                raise ConvertError(f"{path}: tensor {key} lies past the end of the file (truncated or corrupted)")
-            self.tensors[key] = _SafetensorsTensor(self, key, dtype, shape)
+            header = safetensors_header(path)
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
+        self.tensors = {k: _SafetensorsTensor(self, k, dtype, shape) for k, (dtype, shape) in header.items()}
 
     def arrays(self):
         if self._arrays is None:
@@ -528,7 +507,8 @@ def _source_dtype(weights: dict) -> str:
     return "float32" if dtype == "float64" else dtype
 
 
-def build_model(args: ModelArgs, weights: dict, origin: dict, where: str, dtype: str, progress: bool = True):
+def build_model(args: ModelArgs, weights: dict, origin: dict, where: str, dtype: str, progress: bool = True,
+                allow_non_finite: bool = False):
     from .model import Model
 
     model = Model(args)  # lazily initialized: the random init is never evaluated
@@ -546,6 +526,9 @@ def build_model(args: ModelArgs, weights: dict, origin: dict, where: str, dtype:
             raise ConvertError(str(e)) from None
         a = a.astype(target)
         mx.eval(a)
+        if not allow_non_finite and not mx.isfinite(a).all().item():
+            raise ConvertError(f"{where}: tensor {origin.get(k, k)} holds NaN or Inf values "
+                               "(a broken checkpoint; --allow-non-finite converts it anyway)")
         loaded.append((k, a))
         if show and (i + 1 == n or (i + 1) % every == 0):
             msg = f"[INFO] Converted {i + 1}/{n} tensors"
@@ -629,8 +612,10 @@ def convert(
     quantize_indexer: bool = False,
     max_shard_gb: float = MAX_SHARD_GB,
     progress: bool = True,
+    allow_non_finite: bool = False,
 ) -> Path:
     dst = Path(mlx_path).expanduser()
+    _remove_stale_partials(dst)
     if dst.exists() or dst.is_symlink():
         raise ConvertError(f"{dst}: already exists; remove it or choose another --mlx-path")
     if dtype is not None and dtype not in DTYPES:
@@ -652,7 +637,7 @@ def convert(
     config_dtype = extra.pop("_dtype", None)
     dtype = dtype or config_dtype or _source_dtype(weights)
     _log(f"[INFO] Using dtype: {dtype}")
-    model = build_model(args, weights, origin, where, dtype, progress)
+    model = build_model(args, weights, origin, where, dtype, progress, allow_non_finite)
     del weights
 
     config = {**asdict(args), **extra}
@@ -695,6 +680,21 @@ def convert(
 
         upload_to_hub(str(dst), upload_repo)
     return dst
+
+
+def _remove_stale_partials(dst: Path):
+    """Partial folders that conversions killed before they could clean up (kill -9) left."""
+    for p in dst.parent.glob(f".{dst.name}.partial-*") if dst.parent.is_dir() else ():
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+            _log(f"[INFO] Removed {p}, left by an interrupted conversion")
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def _check_tokenizer(folder: Path, src: Path, vocab_size: int):

@@ -62,6 +62,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, group=None,
     runs the same on every rank."""
     if kwargs.get("kv_bits"):
         raise ValueError("kv_bits: KV-cache quantization is not supported for CLSA/YOCO caches")
+    if not isinstance(kwargs.get("prefill_step_size", 2048), int) or kwargs.get("prefill_step_size", 2048) < 1:
+        raise ValueError(f"prefill_step_size must be a positive integer, got {kwargs['prefill_step_size']!r}")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     tokens = encode(tokenizer, prompt, model.args.vocab_size)

@@ -44,6 +44,18 @@ def one_line(e: BaseException, n: int = 300) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
+def safetensors_header(path: Path) -> dict:
+    """{name: (dtype, shape)} of a safetensors file, its header checked by the safetensors
+    package (offsets in range, no overlap, the data fully covered, sizes that fit)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a valid safetensors file ({one_line(e, 160)})") from None
+
+
 def check_vocab(tokenizer, vocab_size: int, where) -> None:
     """Every id the tokenizer can produce must have a row in the embedding."""
     n = len(getattr(tokenizer, "_tokenizer", tokenizer))
@@ -81,6 +93,8 @@ def _load_model(path: Path, lazy: bool, strict: bool, model_config, fuse: bool, 
     """mlx-lm's loader with our classes; sharded like `mlx_lm.utils.sharded_load` when `group`
     has more than one rank: lazily, so each rank reads only its share into memory."""
     sharded = group is not None and group.size() > 1
+    for f in sorted(path.glob("model*.safetensors")):
+        safetensors_header(f)
     try:
         model, config = _mlx_lm_load_model(path, lazy or sharded, strict, _our_classes(model_config),
                                            get_model_classes=get_model_classes)

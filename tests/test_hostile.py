@@ -288,3 +288,170 @@ def test_convert_cli_exits_1_with_one_line_for_a_crafted_pickle(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "sets the state of" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---- weights ----------------------------------------------------------------------------
+
+def test_overlapping_safetensors_offsets_are_refused_by_convert_and_load(tmp_path):
+    model, args = make_model("swa-clsa", vocab_size=259)
+    src = write_hf(model, args, tmp_path / "src", "safetensors", "fla")
+    f = src / "model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    names = [k for k in header if k != "__metadata__"]
+    header[names[1]]["data_offsets"] = header[names[0]]["data_offsets"]  # two tensors, one buffer
+    h = json.dumps(header).encode().ljust(n)
+    f.write_bytes(raw[:8] + h + raw[8 + n:])
+    with pytest.raises(ConvertError, match="not a valid safetensors file"):
+        convert(str(src), str(tmp_path / "out"), progress=False)
+    folder = make_tiny_folder(tmp_path / "tiny")
+    (folder / "model.safetensors").write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match="model.safetensors: not a valid safetensors file"):
+        clsa_mlx.load(folder)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_unless_allowed(tmp_path, value):
+    model, args = make_model("retention-dense")
+    with torch.no_grad():
+        model.layer_norm.weight[3] = value
+    src = write_official(model, args, tmp_path / "src")
+    with pytest.raises(ConvertError, match="tensor layer_norm.weight holds NaN or Inf"):
+        convert(str(src), str(tmp_path / "out"), progress=False)
+    assert convert(str(src), str(tmp_path / "out"), progress=False, allow_non_finite=True).is_dir()
+
+
+def test_integer_tensors_are_refused_at_load(tmp_path):
+    folder = make_tiny_folder(tmp_path / "m")
+    weights = mx.load(str(folder / "model.safetensors"))
+    weights["layer_norm.weight"] = weights["layer_norm.weight"].astype(mx.int32)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    with pytest.raises(ValueError, match="tensor layer_norm.weight has dtype mlx.core.int32, not a floating-point"):
+        clsa_mlx.load(folder)
+
+
+def test_sigterm_mid_conversion_leaves_nothing_and_stale_partials_are_removed(tmp_path, monkeypatch):
+    import signal
+
+    from click.testing import CliRunner
+
+    import clsa_mlx.convert as conv
+    from convert import main as cli
+
+    model, args = make_model("retention-dense")
+    src = write_official(model, args, tmp_path / "src")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.partial-{dead.pid}"
+    stale.mkdir()
+    real = conv.save_weights
+
+    def killed(*a, **kw):
+        real(*a, **kw)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(conv, "save_weights", killed)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        r = CliRunner().invoke(cli, ["--torch-path", str(src), "--mlx-path", str(tmp_path / "out")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert r.exit_code == 130 and "interrupted; nothing was written" in r.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+# ---- chat session files -------------------------------------------------------------------
+
+@pytest.fixture
+def conversation(tmp_path):
+    from clsa_mlx.conversation import Conversation, model_identity
+
+    folder = make_tiny_folder(tmp_path / "m")
+    model, tokenizer = clsa_mlx.load(folder)
+    conv = Conversation(model, tokenizer, model_identity(folder))
+    list(conv.ask("What does the routing do? " * 3, max_tokens=6))
+    return conv
+
+
+def _edit(path, out, meta):
+    """A copy of a session file with metadata fields replaced (None: removed)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata()
+    prefix = next(k for k in metadata if k.endswith(".clsa_mlx_session"))[: -len("clsa_mlx_session")]
+    metadata.update({prefix + k: v for k, v in meta.items()})  # save_prompt_cache's flattened layout
+    mx.save_safetensors(str(out), mx.load(str(path)), metadata={k: v for k, v in metadata.items() if v is not None})
+    return str(out)
+
+
+def test_save_never_loses_the_conversation_nor_overwrites_other_files(conversation, tmp_path):
+    from clsa_mlx.conversation import ChatError
+
+    before = (list(conversation.messages), conversation.used)
+    with pytest.raises(ChatError, match="cannot write .*the conversation is unchanged"):
+        conversation.save(str(tmp_path / "missing" / "folder" / "s"))
+    weights = tmp_path / "m" / "model.safetensors"
+    data = weights.read_bytes()
+    with pytest.raises(ChatError, match="exists and is not a clsa-mlx session; not overwriting it"):
+        conversation.save(str(weights))
+    assert weights.read_bytes() == data and (list(conversation.messages), conversation.used) == before
+    saved = conversation.save(str(tmp_path / "s"))
+    assert conversation.save(saved) == saved  # a session file may be replaced
+    assert not list(tmp_path.glob("*partial*"))
+
+
+def test_load_checks_everything_before_replacing_anything(conversation, tmp_path):
+    from clsa_mlx.conversation import ChatError
+
+    saved = conversation.save(str(tmp_path / "s"))
+    cases = {
+        "messages not a list": {"messages": json.dumps({"a": 1})},
+        "a message role": {"messages": json.dumps([{"role": "system", "content": "x"}] * 2)},
+        "ids out of the vocabulary": {"ids": json.dumps([10**6] * len(conversation.ids))},
+        "text_in_cache missing": {"text_in_cache": None},
+        "ids shorter than the cache": {"ids": json.dumps(conversation.ids[:-1])},
+        "documents not texts": {"documents": json.dumps([1])},
+    }
+    state = (list(conversation.messages), conversation.used, conversation.text_in_cache, conversation.cache)
+    conversation.load(_edit(saved, tmp_path / "same.safetensors", {}))  # the unedited copy loads
+    state = (list(conversation.messages), conversation.used, conversation.text_in_cache, conversation.cache)
+    for name, edit in cases.items():
+        bad = _edit(saved, tmp_path / f"{name}.safetensors", edit)
+        with pytest.raises(ChatError, match="session unchanged"):
+            conversation.load(bad)
+        assert (list(conversation.messages), conversation.used, conversation.text_in_cache, conversation.cache) == state, name
+
+
+def test_load_refuses_caches_that_do_not_fit_the_model(conversation, tmp_path):
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    from clsa_mlx.conversation import ChatError
+
+    saved = conversation.save(str(tmp_path / "s"))
+    n = len(conversation.model.self_decoder.layers)
+    for name, edit in {
+        "offset past the keys": lambda c: setattr(c[n], "offset", c[n].keys.shape[2] + 5),
+        "window size": lambda c: setattr(c[0], "max_size", c[0].max_size * 2),
+        "heads": lambda c: setattr(c[n], "keys", mx.concatenate([c[n].keys] * 2, axis=1)),
+        "a cache too few": lambda c: c.pop(),
+    }.items():
+        cache, meta = load_prompt_cache(saved, return_metadata=True)
+        edit(cache)
+        save_prompt_cache(str(tmp_path / "bad.safetensors"), cache, meta)
+        before = (conversation.used, conversation.cache)
+        with pytest.raises(ChatError, match="session unchanged"):
+            conversation.load(str(tmp_path / "bad.safetensors"))
+        assert (conversation.used, conversation.cache) == before, name
+
+
+def test_chat_refuses_non_utf8_stdin_and_bad_prefill_steps(tmp_path, tiny):
+    folder = make_tiny_folder(tmp_path / "m")
+    r = subprocess.run([sys.executable, "-m", "clsa_mlx.chat", "--model", str(folder)], input=b"\xff\xfe question",
+                       capture_output=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.decode().strip() == "error: the piped input is not UTF-8 text"
+    model, tokenizer = tiny
+    for step in (0, -1):
+        with pytest.raises(ValueError, match="prefill_step_size must be a positive integer"):
+            next(stream_generate(model, tokenizer, "hello", max_tokens=2, prefill_step_size=step))
