@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import clsa_mlx
+from benchmarks.shard_bytes import Ranks  # a stand-in group: shard refuses before any message
 from clsa_mlx.generate import stream_generate
 from clsa_mlx.model import Model
 from clsa_mlx.tiny import byte_tokenizer, make_tiny_folder, save_model_folder, tiny_args
@@ -81,19 +82,6 @@ def test_quantized_two_ranks_equal_one_process(tmp_path):
     for r in run_sharded(folder, tmp_path / "out"):
         np.testing.assert_allclose(np.array(r["logits"]), logits, atol=2e-5, rtol=1e-4)
         assert r["greedy"] == greedy
-
-
-class Ranks:
-    """A stand-in group: `shard` refuses before any communication."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def size(self):
-        return self.n
-
-    def rank(self):
-        return 0
 
 
 def test_head_counts_that_do_not_split_are_refused():
