@@ -70,7 +70,7 @@ def build(arch: str, c: dict, bits: int, materialize: bool = True, fuse: bool = 
         nn.quantize(model, group_size=64, bits=bits,
                     class_predicate=lambda p, m: hasattr(m, "to_quantized") and (predicate is None or predicate(p, m)))
     if fuse and arch != "transformer":  # what clsa_mlx.load does; mlx-lm's Llama keeps its separate projections
-        model.fuse(materialize=materialize)
+        model.stack_projections(materialize=materialize)
     if materialize:
         mx.eval(model.parameters())
     return model

@@ -125,7 +125,7 @@ def main():
 
     unfused = load_model(args.model, fuse=False)
     clsa = load_model(args.model)  # what generate() runs
-    models = {"dense": dense_twin(unfused).fuse(), "clsa": clsa}
+    models = {"dense": dense_twin(unfused).stack_projections(), "clsa": clsa}
     sp = spm.SentencePieceProcessor(model_file=str(Path(args.model) / "tokenizer.model"))
     corpus = np.load(args.data / "corpus_ids.npy")
     heldout = split(corpus, "heldout")

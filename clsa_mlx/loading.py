@@ -89,9 +89,10 @@ def resolve(path_or_hf_repo: str, revision: Optional[str] = None) -> Path:
     return path
 
 
-def _load_model(path: Path, lazy: bool, strict: bool, model_config, fuse: bool, group):
+def _load_model(path: Path, lazy: bool, strict: bool, model_config, fuse: bool, group, adapter_path=None):
     """mlx-lm's loader with our classes; sharded like `mlx_lm.utils.sharded_load` when `group`
-    has more than one rank: lazily, so each rank reads only its share into memory."""
+    has more than one rank: lazily, so each rank reads only its share into memory. LoRA
+    adapters (mlx-lm's `load_adapters`) go on before the projections are stacked."""
     sharded = group is not None and group.size() > 1
     for f in sorted(path.glob("model*.safetensors")):
         safetensors_header(f)
@@ -101,11 +102,18 @@ def _load_model(path: Path, lazy: bool, strict: bool, model_config, fuse: bool, 
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:  # config.json or weights
         raise ValueError(f"{path}: {one_line(e)}") from None
     if sharded:
+        if adapter_path is not None:
+            raise ValueError("adapters are not supported on a sharded model (as in mlx-lm); fuse them first")
         model.shard(group)
         if not lazy:
             mx.eval(model.parameters())
+    if adapter_path is not None:
+        from mlx_lm.tuner.utils import load_adapters
+
+        model = load_adapters(model, str(adapter_path))
+        model.eval()
     if fuse:
-        model.fuse(materialize=not lazy)
+        model.stack_projections(materialize=not lazy)
     return model, config
 
 
@@ -129,13 +137,14 @@ def _quiet_transformers():
         logging.set_verbosity(level)
 
 
-def load(path_or_hf_repo, tokenizer_config=None, model_config=None, lazy: bool = False,
+def load(path_or_hf_repo, tokenizer_config=None, model_config=None, adapter_path=None, lazy: bool = False,
          return_config: bool = False, revision: Optional[str] = None, fuse: bool = True, group=None):
     """Returns `(model, tokenizer)`, the tokenizer wrapped by mlx-lm (streaming detokenizer, chat
-    template). The model's stacked projections (`Model.fuse`) unless `fuse=False`; with a
-    distributed `group` of several ranks, this rank's shard (`Model.shard`)."""
+    template). The model's stacked projections (`Model.stack_projections`) unless `fuse=False`; with a
+    distributed `group` of several ranks, this rank's shard (`Model.shard`); `adapter_path`: an
+    mlx-lm LoRA adapter folder (`mlx_lm.lora`'s output)."""
     path = resolve(str(path_or_hf_repo), revision)
-    model, config = _load_model(path, lazy, True, model_config, fuse, group)
+    model, config = _load_model(path, lazy, True, model_config, fuse, group, adapter_path)
     with _quiet_transformers():
         tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
     check_vocab(tokenizer, model.args.vocab_size, path)

@@ -32,7 +32,7 @@ class RoPE(nn.Module):
         )
 
 
-def fuse_linears(module: nn.Module, names, fused_name: str):
+def stack_linears(module: nn.Module, names, fused_name: str):
     """Replace projections of one input by one layer with their output rows stacked (and,
     quantized, their scales and biases): a decode step then launches one matmul, not several.
     Left alone unless all are the same kind of layer with the same quantization, parameters
@@ -40,6 +40,8 @@ def fuse_linears(module: nn.Module, names, fused_name: str):
     if fused_name in module or not all(n in module for n in names):
         return
     parts = [module[n] for n in names]
+    if not all(isinstance(p.get("weight"), mx.array) for p in parts):  # e.g. mlx-lm's LoRA layers
+        return
 
     def kind(p):
         arrays = {k: v for k, v in p.items() if isinstance(v, mx.array)}
@@ -62,7 +64,7 @@ def fuse_linears(module: nn.Module, names, fused_name: str):
 def shard_linears(module: nn.Module, group, into=(), out=(), segments=None):
     """mlx-lm's tensor parallel: each `into` projection keeps this rank's share of its output
     rows (its heads), each `out` projection the same share of its input columns and sums the
-    group's partial outputs. `segments` names stacked projections (`fuse`): each part splits alone."""
+    group's partial outputs. `segments` names stacked projections (`stack_projections`): each part splits alone."""
     N = group.size()
     for name in out:
         p = module[name]
@@ -89,8 +91,8 @@ class FeedForwardNetwork(nn.Module):
             return self.fc2(swiglu(*mx.split(self.fc1_gate(x), 2, axis=-1)))
         return self.fc2(swiglu(self.fc1(x), self.gate(x)))
 
-    def fuse(self):
-        fuse_linears(self, ("fc1", "gate"), "fc1_gate")
+    def stack_projections(self):
+        stack_linears(self, ("fc1", "gate"), "fc1_gate")
 
     def shard(self, group):
         shard_linears(self, group, ("fc1", "gate", "fc1_gate"), ("fc2",), {"fc1_gate": 2})
@@ -140,8 +142,8 @@ class SlidingWindowAttention(nn.Module):
         o = window_attention(q, k, v, self.scale, self.window, mask)
         return self.out_proj(merge_heads(o))
 
-    def fuse(self):
-        fuse_linears(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+    def stack_projections(self):
+        stack_linears(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
 
     def shard(self, group):
         q, k = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -361,14 +363,14 @@ class Model(nn.Module):
     def layers(self):
         return self.self_decoder.layers + self.cross_decoder.layers
 
-    def fuse(self, materialize: bool = True):
+    def stack_projections(self, materialize: bool = True):
         """For inference after loading: stack the projections that read one input (q/k/v of
         the window attention, fc1/gate of every FFN). Layer by layer, so loading holds at
         most one layer twice. Saved checkpoints keep the separate names."""
         for layer in self.layers:
-            layer.ffn.fuse()
+            layer.ffn.stack_projections()
             if isinstance(layer.mixer, SlidingWindowAttention):
-                layer.mixer.fuse()
+                layer.mixer.stack_projections()
             if materialize:
                 mx.eval(layer.parameters())
         return self
@@ -376,7 +378,7 @@ class Model(nn.Module):
     def shard(self, group: Optional[mx.distributed.Group] = None):
         """Tensor parallel over `group` (mlx-lm's `shard`): every layer's heads and FFN columns
         split over the ranks, one all-reduce after each mixer and each FFN; the embedding, the
-        norms, the indexer and the output head stay whole. Stacked projections (`fuse`) split too."""
+        norms, the indexer and the output head stay whole. Stacked projections (`stack_projections`) split too."""
         group = group or mx.distributed.init()
         N = group.size()
         if N == 1:

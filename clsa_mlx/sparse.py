@@ -67,10 +67,12 @@ def sparse_attention_ref(q, keys, values, idx, scale: float) -> mx.array:
 
 # Dispatch: the GPU kernels of `kernels.py` (Metal, or CUDA through MLX's CUDA backend)
 # when one is available, else the references above. CLSA_MLX_REFERENCE=1 forces the
-# references. The kernels have no VJP: training paths must call the *_ref functions.
+# references. Routing is a selection: no gradient flows through it (LoRA below the indexer
+# trains). The attention kernel has no VJP: on a GPU, training must force the references.
 
 
 def route(q_idx, k_idx, k: int, offset: int, start=None) -> mx.array:
+    q_idx, k_idx = mx.stop_gradient(q_idx), mx.stop_gradient(k_idx)
     be = kernels.backend()
     if be is None:
         return route_ref(q_idx, k_idx, k, offset, start)

@@ -203,7 +203,7 @@ def test_fused_projections_equal_separate(variant, bits):
         nn.quantize(model, group_size=32, bits=bits, class_predicate=lambda p, m: isinstance(m, nn.Linear) and "indexer" not in p)
     toks = tokens(23, B=2)
     full, inc = model(toks), incremental(model, toks, [11])
-    names = {k for k, _ in tree_flatten(model.fuse().parameters())}
+    names = {k for k, _ in tree_flatten(model.stack_projections().parameters())}
     assert "self_decoder.layers.0.ffn.fc1_gate.weight" in names and "cross_decoder.layers.1.ffn.gate.weight" not in names
     assert ("self_decoder.layers.0.mixer.qkv_proj.weight" in names) == (model.self_decoder.window is not None)
     for before, after in ((full, model(toks)), (inc, incremental(model, toks, [11]))):
@@ -213,32 +213,32 @@ def test_fused_projections_equal_separate(variant, bits):
 def test_fusion_leaves_mixed_quantization_alone():
     import mlx.nn as nn
 
-    from clsa_mlx.model import fuse_linears
+    from clsa_mlx.model import stack_linears
 
     model = make_model(dim=64, hidden_dim=128)
     ffn = model.self_decoder.layers[0].ffn
     ffn.fc1 = nn.QuantizedLinear.from_linear(ffn.fc1, group_size=32, bits=4)
     ffn.gate = nn.QuantizedLinear.from_linear(ffn.gate, group_size=32, bits=8)
-    fuse_linears(ffn, ("fc1", "gate"), "fc1_gate")
+    stack_linears(ffn, ("fc1", "gate"), "fc1_gate")
     assert "fc1_gate" not in ffn and "fc1" in ffn and "gate" in ffn
 
 
 def test_fusion_needs_matching_parameters_and_runs_once():
     import mlx.nn as nn
 
-    from clsa_mlx.model import fuse_linears
+    from clsa_mlx.model import stack_linears
 
     model = make_model(dim=64, hidden_dim=128)
     ffn = model.self_decoder.layers[0].ffn
     ffn.gate = nn.Linear(64, 128, bias=True)  # a bias the other part lacks would be dropped
-    fuse_linears(ffn, ("fc1", "gate"), "fc1_gate")
+    stack_linears(ffn, ("fc1", "gate"), "fc1_gate")
     assert "fc1_gate" not in ffn
     ffn.gate = nn.Linear(64, 128, bias=False)
     ffn.gate.weight = ffn.gate.weight.astype(mx.bfloat16)  # would promote fc1's output
-    fuse_linears(ffn, ("fc1", "gate"), "fc1_gate")
+    stack_linears(ffn, ("fc1", "gate"), "fc1_gate")
     assert "fc1_gate" not in ffn
     model = make_model(dim=64, hidden_dim=128)
-    names = {k for k, _ in tree_flatten(model.fuse().fuse().parameters())}
+    names = {k for k, _ in tree_flatten(model.stack_projections().stack_projections().parameters())}
     assert "self_decoder.layers.0.ffn.fc1_gate.weight" in names
 
 
