@@ -185,7 +185,8 @@ def test_sparse_attention_ref_padded_rows():
     idx = sparse.route_ref(mx.random.normal((B, L, 4)), mx.random.normal((B, L, 4)), k, 0)
     assert (np.array(idx)[0, 0] == [0, -1, -1, -1]).all()
     got = np.array(sparse.sparse_attention_ref(q, keys, values, idx, 0.3))
-    np.testing.assert_allclose(got, naive_attention(q, keys, values, idx, 0.3), rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if mx.default_device() == mx.cpu else 2e-3  # fp32 matmuls on the H200 are TF32: 1e-3 off here
+    np.testing.assert_allclose(got, naive_attention(q, keys, values, idx, 0.3), rtol=tol, atol=tol)
 
 
 def test_dispatch_on_cpu_uses_references(monkeypatch):
