@@ -123,14 +123,22 @@ class Conversation:
             full = self._render("\n\n".join(self.documents) + SENTINEL)
             return full[:full.index(SENTINEL)]
 
+        before = self.used
         try:
             prefix, ids = self._fit(prefix, reserve=0)
-        except ChatError:
+            self._prefill(ids, progress)
+        except BaseException:  # refused, or stopped inside the prefill: the document is not added
             self.documents.pop()
+            self._give_back(before)
             raise
-        self._prefill(ids, progress)
         self.text_in_cache, self.ids = prefix, self.ids + ids
         return len(ids)
+
+    def _give_back(self, before: int):
+        """Drop what an interrupted prefill wrote past `before` tokens (or, where the window
+        caches cannot rewind that far, the whole cache: the next turn rebuilds it)."""
+        if self.used > before and not trim_prompt_cache(self.cache, self.used - before):
+            self._clear_cache()
 
     def ask(self, question: str, max_tokens: int = 512, progress=None, stop=None, **sampling):
         """Streams the reply's text pieces; `stop()` returning True ends it after the current token."""
@@ -147,10 +155,8 @@ class Conversation:
                     yield r.text
                 if stop and stop():
                     break
-        except BaseException:
-            # stopped inside the prefill: give back what the cache took of this turn
-            if self.used > before and not trim_prompt_cache(self.cache, self.used - before):
-                self._clear_cache()
+        except BaseException:  # stopped inside the prefill: give back what the cache took of this turn
+            self._give_back(before)
             raise
         eos = self.tokenizer.eos_token_ids
         reply = [t for t in generated if t not in eos]

@@ -225,3 +225,21 @@ def test_shipped_model_answers_from_a_file(tmp_path):
     assert "48213" in c.before
     c.sendline("/quit")
     c.expect(pexpect.EOF)
+
+
+def test_ctrl_c_inside_a_document_prefill_leaves_the_conversation_as_it_was(folder, doc):
+    conv, alone = conversation(folder, prefill_step=64), conversation(folder, prefill_step=64)
+    for c in (conv, alone):
+        list(c.ask("hello", max_tokens=4))
+    before = (conv.used, list(conv.messages), conv.text_in_cache)
+
+    def ctrl_c(done, total):
+        if done >= 256:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        conv.add_document(str(doc), progress=ctrl_c)
+    assert conv.documents == [] and (conv.used, list(conv.messages)) <= before[:2]
+    # the next question is asked as if the interrupted document had never been added
+    assert "".join(conv.ask("What does it say?", max_tokens=8)) == "".join(alone.ask("What does it say?", max_tokens=8))
+    assert conv.used == len(conv.ids) and "notes.txt" not in conv.text_in_cache  # the cache holds no stale rows
