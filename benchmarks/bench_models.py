@@ -100,14 +100,7 @@ def _kv_shape(model, c, cache):
     if isinstance(model, llama.Model):
         a = model.args
         return a.num_key_value_heads, a.hidden_size // a.num_attention_heads, a.hidden_size // a.num_attention_heads
-    a = model.args
-    n_self = len(model.self_decoder.layers)
-    i = cache.index(c)
-    if i < n_self:
-        return a.n_self_kv_heads, a.self_head_dim, a.self_head_dim
-    if i == n_self:
-        return a.n_attn_kv_heads, a.head_dim, a.head_dim
-    return 1, a.index_head_dim, 0  # index keys, zero-width values
+    return model.cache_shapes()[cache.index(c)]  # index keys: zero-width values
 
 
 def decode_tps(model, context: int, steps: int):

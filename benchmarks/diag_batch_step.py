@@ -42,8 +42,8 @@ x = model.embed_tokens(mx.ones((args.batch, 1), mx.int32)) * model.args.embed_sc
 offset = cache[n].offset
 x = model.self_decoder(x, cache[:n], offset)
 stage("self decoder", x, [c.state for c in cache[:n]])
-a, B = model.args, args.batch
-for c, (h, kd, vd) in zip(cache[n:], [(a.n_attn_kv_heads, a.head_dim, a.head_dim), (1, a.index_head_dim, 0)]):
+B = args.batch
+for c, (h, kd, vd) in zip(cache[n:], model.cache_shapes()[n:]):
     c.update_and_fetch(mx.zeros((B, h, 1, kd), mx.bfloat16), mx.zeros((B, h, 1, vd), mx.bfloat16))
     c.trim(1)  # grown by mlx-lm's step of 256 rows; the step below writes in place
 stage("K/V and index caches grow", [c.state for c in cache[n:]])

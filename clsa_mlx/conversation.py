@@ -226,21 +226,14 @@ class Conversation:
         fresh = self.model.make_cache()
         if len(cache) != len(fresh):
             raise ValueError(f"{len(cache)} caches, the model has {len(fresh)}")
-        n = len(self.model.self_decoder.layers)
-        a = self.model.args
-        for i, (c, f) in enumerate(zip(cache, fresh)):
+        for i, (c, f, (heads, kd, vd)) in enumerate(zip(cache, fresh, self.model.cache_shapes())):
             if type(c) is not type(f) or getattr(c, "max_size", None) != getattr(f, "max_size", None):
                 raise ValueError(f"cache {i} is a {type(c).__name__} of size {getattr(c, 'max_size', None)}, "
                                  f"the model's is a {type(f).__name__} of size {getattr(f, 'max_size', None)}")
             if isinstance(c, ArraysCache):
-                mixer = self.model.self_decoder.layers[i].mixer
-                want, got = (1, mixer.n_heads, a.self_head_dim, a.self_head_dim), c[0]
-                if got is not None and tuple(got.shape) != want:
-                    raise ValueError(f"retention state {i} has shape {tuple(got.shape)}, expected {want}")
+                if c[0] is not None and tuple(c[0].shape) != (1, heads, kd, vd):
+                    raise ValueError(f"retention state {i} has shape {tuple(c[0].shape)}, expected {(1, heads, kd, vd)}")
                 continue
-            heads, kd, vd = ((self.model.self_decoder.layers[i].mixer.n_kv_heads, a.self_head_dim, a.self_head_dim)
-                             if i < n else (self.model.cross_decoder.n_kv_heads, a.head_dim, a.head_dim)
-                             if i == n else (1, a.index_head_dim, 0))
             if c.keys is None:
                 if c.offset:
                     raise ValueError(f"cache {i}: offset {c.offset} with no keys")

@@ -152,7 +152,8 @@ def _root(folder: Path) -> Path:
     """What a source folder's files must resolve into: the folder, or for a hub snapshot its
     repository cache (a snapshot's files are links into the cache's blobs/)."""
     folder = folder.resolve()
-    return folder.parent.parent if folder.parent.name == "snapshots" else folder
+    hub = folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--")
+    return folder.parent.parent if hub else folder
 
 
 def inside(folder: Path, path: Path, what: str) -> Path:

@@ -62,8 +62,9 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, group=None,
     runs the same on every rank."""
     if kwargs.get("kv_bits"):
         raise ValueError("kv_bits: KV-cache quantization is not supported for CLSA/YOCO caches")
-    if not isinstance(kwargs.get("prefill_step_size", 2048), int) or kwargs.get("prefill_step_size", 2048) < 1:
-        raise ValueError(f"prefill_step_size must be a positive integer, got {kwargs['prefill_step_size']!r}")
+    step = kwargs.get("prefill_step_size", 2048)
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"prefill_step_size must be a positive integer, got {step!r}")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     tokens = encode(tokenizer, prompt, model.args.vocab_size)
@@ -84,7 +85,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, group=None,
     t0 = time.perf_counter()
     if head:
         with wired_limit(model, [generation_stream]):
-            prefill(model, head, cache, kwargs.get("prefill_step_size", 2048),
+            prefill(model, head, cache, step,
                     lambda done, _: progress(done, len(tokens)))
     head_s = time.perf_counter() - t0
     kwargs["prompt_progress_callback"] = lambda done, _: progress(len(head) + done, len(tokens))

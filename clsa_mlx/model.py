@@ -3,10 +3,10 @@ from typing import Any, List, NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask, create_ssm_mask
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache, RotatingKVCache
-from mlx.nn.layers.distributed import shard_linear
 
 from .config import ModelArgs
 from .retention import gated_retention
@@ -407,15 +407,24 @@ class Model(nn.Module):
             caches.append(KVCache())
         return caches
 
+    def cache_shapes(self):
+        """Per cache of `make_cache()`: (heads, key dim, value dim) of its rows on this rank,
+        or for a retention state (heads, d, d)."""
+        a = self.args
+        self_heads = self.self_decoder.layers[0].mixer
+        self_heads = self_heads.n_kv_heads if self.self_decoder.window else self_heads.n_heads
+        shapes = [(self_heads, a.self_head_dim, a.self_head_dim)] * len(self.self_decoder.layers)
+        shapes.append((self.cross_decoder.n_kv_heads, a.head_dim, a.head_dim))
+        return shapes + [(1, a.index_head_dim, 0)] if a.sparse else shapes
+
     def reserve(self, cache, n_tokens: int, batch_size: int = 1):
         """Size the global K/V and index caches for `n_tokens` more tokens at once. mlx-lm's
         KVCache grows by each chunk, which copies the whole cache per prefill chunk and holds
         two copies at the peak; a long prompt should allocate once. Rows come in mlx-lm's steps
         of 256: MLX CUDA's decode attention ran 5x slower over 131136 rows than over 131328."""
-        a, n = self.args, len(self.self_decoder.layers)
+        n = len(self.self_decoder.layers)
         dtype = self.cross_decoder.kv_layer_norm.weight.dtype
-        shapes = [(self.cross_decoder.n_kv_heads, a.head_dim, a.head_dim), (1, a.index_head_dim, 0)]
-        for c, (heads, kd, vd) in zip(cache[n:], shapes):
+        for c, (heads, kd, vd) in zip(cache[n:], self.cache_shapes()[n:]):
             size = -(-(c.offset + n_tokens) // c.step) * c.step
             if c.keys is not None and c.keys.shape[2] >= size:
                 continue
