@@ -120,6 +120,8 @@ def route(q_idx, k_idx, k: int, offset: int, be: str, start=None):
     """Route in pieces of query rows small enough for one launch grid (< 2**31
     threads) and a bounded fp32 score buffer; see `_route_rows`. `start` `[B]`: each
     batch row's first valid position (None: 0)."""
+    if k < 1:  # the select pass would read a threshold no pass wrote
+        raise ValueError(f"routing needs k >= 1, got {k}")
     B, L, _ = q_idx.shape
     T = k_idx.shape[1]
     start = _no_padding(B) if start is None else mx.maximum(start, 0).astype(mx.int32)

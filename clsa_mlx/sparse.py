@@ -6,6 +6,9 @@ fewer than k visible positions. Row l of batch row b sees positions start[b] <= 
 first valid one (mlx-lm's left padding of a batch cache).
 """
 
+import logging
+import threading
+
 import mlx.core as mx
 
 from . import kernels
@@ -18,6 +21,8 @@ def index_scores(q_idx: mx.array, k_idx: mx.array) -> mx.array:
 
 def route_ref(q_idx: mx.array, k_idx: mx.array, k: int, offset: int, start=None) -> mx.array:
     """Exact causal top-k per query row; ties go to the lower position; never below start."""
+    if k < 1:
+        raise ValueError(f"routing needs k >= 1, got {k}")
     B, L, _ = q_idx.shape
     T = k_idx.shape[1]
     pos = mx.arange(T)
@@ -66,28 +71,123 @@ def sparse_attention_ref(q, keys, values, idx, scale: float) -> mx.array:
 
 
 # Dispatch: the GPU kernels of `kernels.py` (Metal, or CUDA through MLX's CUDA backend)
-# when one is available, else the references above. CLSA_MLX_REFERENCE=1 forces the
-# references. Routing is a selection: no gradient flows through it (LoRA below the indexer
-# trains). The attention kernel has no VJP: on a GPU, training must force the references.
+# when one is available and the instantiation passed its self-test, else the references
+# above. CLSA_MLX_REFERENCE=1 forces the references. Routing is a selection: no gradient
+# flows through it (LoRA below the indexer trains). The attention kernel has no VJP: on a
+# GPU, training must force the references.
 
 
 def route(q_idx, k_idx, k: int, offset: int, start=None) -> mx.array:
     q_idx, k_idx = mx.stop_gradient(q_idx), mx.stop_gradient(k_idx)
     be = kernels.backend()
-    if be is None:
+    fused = q_idx.shape[1] <= kernels._FUSED_MAX_L
+    if be is None or not _trusted("route", be, qt=q_idx.dtype, kt=k_idx.dtype, D=q_idx.shape[-1], fused=fused):
         return route_ref(q_idx, k_idx, k, offset, start)
     return kernels.route(q_idx, k_idx, k, offset, be, start)
 
 
 def select_kv(q_idx, k_idx, keys, values, k: int, start=None):
     be = kernels.backend()
-    if be is None:
+    inst = dict(qt=q_idx.dtype, kt=k_idx.dtype, D=q_idx.shape[-1], dt=keys.dtype, HD=keys.shape[-1])
+    if be is None or not _trusted("select_kv", be, **inst):
         return select_kv_ref(q_idx, k_idx, keys, values, k, start)
     return kernels.select_kv(q_idx, k_idx, keys, values, k, be, start)
 
 
 def sparse_attention(q, keys, values, idx, scale: float) -> mx.array:
     be = kernels.backend()
-    if be is None or not kernels.sparse_attention_supported(q, keys, values):
+    if (
+        be is None
+        or not kernels.sparse_attention_supported(q, keys, values)
+        or not _trusted("sparse_attention", be, dt=q.dtype, HD=q.shape[-1], G=q.shape[1] // keys.shape[1])
+    ):
         return sparse_attention_ref(q, keys, values, idx, scale)
     return kernels.sparse_attention(q, keys, values, idx, scale, be)
+
+
+# Self-test: a kernel that fails to build on this machine (a Metal compiler we never ran),
+# exceeds its pipeline's thread limit, or answers wrong must not end the chat. The first use
+# of each instantiation in a process runs it on a tiny input against its reference, in its
+# own eval; on any failure that instantiation uses the reference for the rest of the process.
+
+_verdicts: dict = {}  # (kernel, backend, template values...) -> None (passed) or the reason
+_lock = threading.Lock()
+log = logging.getLogger("clsa_mlx")
+
+
+def fallbacks() -> dict:
+    """Instantiations that failed their self-test in this process, with the reason."""
+    return {key: why for key, why in _verdicts.items() if why is not None}
+
+
+def _trusted(name: str, be: str, **inst) -> bool:
+    key = (name, be, tuple(inst.items()))
+    if key not in _verdicts:
+        with _lock:
+            if key not in _verdicts:
+                _verdicts[key] = _self_test(name, be, **inst)
+                if _verdicts[key] is not None:
+                    what = ", ".join(f"{n}={str(v).removeprefix('mlx.core.')}" for n, v in inst.items())
+                    log.warning(
+                        f"clsa_mlx: kernel {name} ({be}, {what}) failed its self-test and falls back "
+                        f"to the MLX reference: {_verdicts[key]}"
+                    )
+    return _verdicts[key] is None
+
+
+def _self_test(name: str, be: str, **inst):
+    try:
+        return _PROBES[name](be, **inst)
+    except Exception as e:  # build errors, thread limits: whatever MLX raises at eval
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"{type(e).__name__}: {first[:200]}"
+
+
+def _ints(shape, dtype, seed: int):
+    # Small integers: exact in every dtype, so scores tie often and compare exactly.
+    return mx.random.randint(-3, 4, shape, key=mx.random.key(seed)).astype(dtype)
+
+
+def _probe_route(be, qt, kt, D, fused):
+    L = 1 if fused else kernels._FUSED_MAX_L + 1
+    B, T, k = 2, 300 + L, 16  # two chunks; row 1 is left-padded down to fewer than k positions
+    start = mx.array([0, T - L - 5], mx.int32)
+    q, kk = _ints((B, L, D), qt, 1), _ints((B, T, D), kt, 2)
+    got, want = kernels.route(q, kk, k, T - L, be, start), route_ref(q, kk, k, T - L, start)
+    mx.eval(got, want)
+    return None if mx.array_equal(got, want) else "index lists differ from the reference"
+
+
+def _probe_select_kv(be, qt, kt, D, dt, HD):
+    B, H, T, k = 2, 2, 300, 16
+    start = mx.array([0, T - 5], mx.int32)
+    q, kk = _ints((B, 1, D), qt, 3), _ints((B, T, D), kt, 4)
+    keys, values = _ints((B, H, T, HD), dt, 5), _ints((B, H, T, HD), dt, 6)
+    got = kernels.select_kv(q, kk, keys, values, k, be, start)
+    want = select_kv_ref(q, kk, keys, values, k, start)
+    mx.eval(got, want)
+    same = all(mx.array_equal(a, b) for a, b in zip(got, want))
+    return None if same else "gathered rows differ from the reference"
+
+
+_ATTENTION_TOL = {mx.float32: 1e-3, mx.float16: 2e-2, mx.bfloat16: 1.5e-1}
+
+
+def _probe_sparse_attention(be, dt, HD, G):
+    B, H, L, T, k = 1, 2, 3, 40, 8
+    shapes = [(B, H * G, L, HD), (B, H, T, HD), (B, H, T, HD)]
+    q, keys, values = (mx.random.normal(s, key=mx.random.key(7 + i)).astype(dt) for i, s in enumerate(shapes))
+    start = mx.array([T - L - 2])  # query row 0 sees 3 positions: -1 slots
+    idx = route_ref(_ints((B, L, 4), mx.float32, 10), _ints((B, T, 4), mx.float32, 11), k, T - L, start)
+    got = kernels.sparse_attention(q, keys, values, idx, HD**-0.5, be).astype(mx.float32)
+    with mx.stream(mx.cpu):  # fp32 on the CPU: GPU matmuls may use TF32
+        want = sparse_attention_ref(*(a.astype(mx.float32) for a in (q, keys, values)), idx, HD**-0.5)
+    err = float(mx.abs(got - want).max())
+    return None if err <= _ATTENTION_TOL.get(dt, 1e-3) else f"max error {err:.3g} against the reference"
+
+
+_PROBES = {
+    "route": _probe_route,
+    "select_kv": _probe_select_kv,
+    "sparse_attention": _probe_sparse_attention,
+}

@@ -1,270 +1,149 @@
-"""Compile checks of the kernel instantiations, on any machine.
+"""Compile checks of every kernel instantiation the dispatch produces, on any machine
+(tests/kernel_units.py builds the units; each check skips when its compiler is absent).
 
-CUDA: the translation unit MLX's `cuda_kernel` would hand to NVRTC (same default
-header, namespace, signature and template constants; `mlx/backend/cuda/device/utils.cuh`
-replaced by a stub in tests/shims with the types the signature names), compiled with
-nvcc for sm_90, compile only.
-
-Metal: the translation unit MLX's `metal_kernel` would compile (signature with
-`[[buffer(i)]]` arguments, Metal attributes found by name in the body, template and
-explicit instantiation), checked with `clang++ -fsyntax-only` against
-tests/shims/metal_shim.h. See metal/README.md for what this can and cannot catch.
-
-Each check skips with its reason when the compiler is absent.
+- CUDA: the unit MLX's `cuda_kernel` hands to NVRTC, compiled with nvcc for sm_90.
+- Metal, types: the unit MLX's `metal_kernel` compiles, checked by `clang++ -std=c++14`
+  (Metal up to 3.2 is C++14-based) against tests/shims/metal_shim.h.
+- Metal, address spaces: the same text as C++ for OpenCL 2021 with the generic address
+  space off, against tests/shims/metal_opencl_shim.h, and each kernel's threadgroup bytes
+  read from the compiled IR and held to Metal's 32 KB.
+- Each check fails on bugs injected on purpose (`test_checks_catch_injected_bugs`).
+See metal/README.md for what these prove and what only a Mac can.
 """
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from clsa_mlx import kernels
+from kernel_units import (
+    SHIMS, cuda_unit, dispatched, instance_id, metal_unit, opencl_unit, threadgroup_bytes,
+)
 
-SHIMS = Path(__file__).parent / "shims"
-
-METAL_TYPES = {
-    "float32": "float",
-    "float16": "float16_t",
-    "bfloat16": "bfloat16_t",
-    "int32": "int32_t",
-    "uint32": "uint32_t",
-}
-CUDA_TYPES = {
-    "float32": "float",
-    "float16": "__half",
-    "bfloat16": "__nv_bfloat16",
-    "int32": "int32_t",
-    "uint32": "uint32_t",
-}
-METAL_ATTRIBUTES = {
-    "dispatch_quadgroups_per_threadgroup": "uint",
-    "dispatch_simdgroups_per_threadgroup": "uint",
-    "dispatch_threads_per_threadgroup": "uint3",
-    "grid_origin": "uint3",
-    "grid_size": "uint3",
-    "quadgroup_index_in_threadgroup": "uint",
-    "quadgroups_per_threadgroup": "uint",
-    "simdgroup_index_in_threadgroup": "uint",
-    "simdgroups_per_threadgroup": "uint",
-    "thread_execution_width": "uint",
-    "thread_index_in_quadgroup": "uint",
-    "thread_index_in_simdgroup": "uint",
-    "thread_index_in_threadgroup": "uint",
-    "thread_position_in_grid": "uint3",
-    "thread_position_in_threadgroup": "uint3",
-    "threadgroup_position_in_grid": "uint3",
-    "threadgroups_per_grid": "uint3",
-    "threads_per_grid": "uint3",
-    "threads_per_simdgroup": "uint",
-    "threads_per_threadgroup": "uint3",
-}
+INSTANCES = dispatched()
+METAL_THREADGROUP_LIMIT = 32 * 1024
 
 
-def _instances():
-    """(kernel, inputs [(dtype, size)], outputs [dtype], template [(name, value)]),
-    with the argument kinds the dispatch in clsa_mlx/kernels.py passes (the routing `start`
-    of one batch row is small enough for MLX to declare it `constant`, of 64 rows `device`)."""
-    big, prm8, prm = 1 << 20, 8, 3
-    out = []
-    for qt in ("float32", "float16", "bfloat16"):
-        out.append(
-            (
-                "route_score",
-                [(qt, big), (qt, big), ("int32", prm8), ("int32", 1)],
-                ["float32", "uint32"],
-                [("QT", qt), ("KT", qt), ("D", 128), ("TG", kernels._TG_SCORE)],
-            )
-        )
-    out.append(("route_hist0", [("float32", big), ("int32", prm8), ("int32", 64)], ["uint32"], [("TG", 256)]))
-    for level in (1, 2, 3):
-        prev = [("int32", prm8)] * 2 if level == 1 else [("uint32", 64)] * 2
-        out.append(
-            (
-                "route_hist",
-                [("float32", big), ("int32", prm8), ("int32", 1), ("uint32", big)] + prev,
-                ["uint32"] * 3,
-                [("LEVEL", level), ("TG", 256)],
-            )
-        )
-    out.append(
-        (
-            "route_select",
-            [("uint32", big), ("int32", prm8), ("uint32", 64), ("uint32", 64)],
-            ["uint32"] * 3,
-            [],
-        )
-    )
-    out.append(
-        (
-            "route_write",
-            [("float32", big), ("int32", prm8), ("int32", 64)] + [("uint32", 64)] * 3,
-            ["int32"],
-            [("TG", 256)],
-        )
-    )
-    for dt in ("float32", "float16", "bfloat16"):
-        out.append(
-            (
-                "gather_kv",
-                [("int32", 2048), (dt, big), (dt, big), ("int32", 2)],
-                [dt, dt],
-                [("DT", dt), ("HD", 128)],
-            )
-        )
-        for g, hd in ((1, 128), (5, 128), (4, 64)):
-            out.append(
-                (
-                    "sparse_attention",
-                    [(dt, big), (dt, big), (dt, big), ("int32", big)]
-                    + [("int32", prm), ("float32", 1)],
-                    [dt],
-                    [("DT", dt), ("HD", hd), ("G", g), ("NW", kernels.attention_warps(g, hd))],
-                )
-            )
-    return out
+def _clang():
+    return next((n for n in ("clang++", "clang") if shutil.which(n)), None)
 
 
-def _shape_info(body, name):
-    return [s in body for s in (f"{name}_shape", f"{name}_strides", f"{name}_ndim")]
+needs_clang = pytest.mark.skipif(_clang() is None, reason="clang not installed (apt-get install clang)")
 
 
-def _targ_str(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
-
-
-def metal_unit(kernel, inputs, outputs, template, fname=None, with_header=True):
-    """The source MLX's metal_kernel builds (mlx/backend/metal/custom_kernel.cpp)."""
-    header, body = kernels.kernel_text("metal", kernel)
-    _, in_names, out_names = kernels.KERNELS[kernel]
-    fname = fname or f"custom_kernel_clsa_{kernel}"
-    src = header if with_header else ""
-    if template:
-        kinds = [
-            "bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "typename"
-            for _, v in template
-        ]
-        src += "template <" + ", ".join(f"{k} {n}" for k, (n, _) in zip(kinds, template)) + ">\n"
-    args, index = [], 0
-    for name, (dt, size) in zip(in_names, inputs):
-        loc = "constant" if size < 8 else "device"
-        args.append(f"  const {loc} {METAL_TYPES[dt]}* {name} [[buffer({index})]]")
-        index += 1
-        shp, strd, nd = _shape_info(body, name)
-        for flag, decl in (
-            (shp, f"const constant int* {name}_shape"),
-            (strd, f"const constant int64_t* {name}_strides"),
-            (nd, f"const constant int& {name}_ndim"),
-        ):
-            if flag:
-                args.append(f"  {decl} [[buffer({index})]]")
-                index += 1
-    for name, dt in zip(out_names, outputs):
-        args.append(f"  device {METAL_TYPES[dt]}* {name} [[buffer({index})]]")
-        index += 1
-    for attr, ty in METAL_ATTRIBUTES.items():
-        if attr in body:
-            args.append(f"  {ty} {attr} [[{attr}]]")
-    src += f"[[kernel]] void {fname}(\n" + ",\n".join(args) + ") {\n" + body + "\n}\n"
-    if template:
-        targs = ", ".join(
-            METAL_TYPES[v] if isinstance(v, str) else _targ_str(v) for _, v in template
-        )
-        inst = f"{fname}<{targs}>"
-        # MLX writes `template [[host_name("...")]] [[kernel]] decltype(f<...>) f<...>;`;
-        # plain C++ does not take attributes there, so the check drops them.
-        src += f"\ntemplate decltype({inst}) {inst};\n"
-    return src
-
-
-def cuda_unit(kernel, inputs, outputs, template, fname=None, with_header=True):
-    """The source MLX's cuda_kernel builds (mlx/backend/cuda/custom_kernel.cpp)."""
-    header, body = kernels.kernel_text("cuda", kernel)
-    _, in_names, out_names = kernels.KERNELS[kernel]
-    fname = fname or f"custom_kernel_clsa_{kernel}"
-    src = ""
-    if with_header:
-        src += (
-            '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
-            "#define inf cuda::std::numeric_limits<float>::infinity()\n\n"
-        )
-        src += header
-    src += "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
-    args = []
-    for name, (dt, size) in zip(in_names, inputs):
-        args.append(f"    const {CUDA_TYPES[dt]}* {name}")
-        shp, strd, nd = _shape_info(body, name)
-        if shp:
-            args.append(f"    const __grid_constant__ Shape {name}_shape")
-        if strd:
-            args.append(f"    const __grid_constant__ Strides {name}_strides")
-        if nd:
-            args.append(f"    const __grid_constant__ int {name}_ndim")
-    for name, dt in zip(out_names, outputs):
-        args.append(f"    {CUDA_TYPES[dt]}* {name}")
-    src += f"__global__ void {fname}(\n" + ",\n".join(args) + ") {\n"
-    for name, v in template:
-        if isinstance(v, bool):
-            src += f"  constexpr bool {name} = {_targ_str(v)};\n"
-        elif isinstance(v, int):
-            src += f"  constexpr int {name} = {v};\n"
-        else:
-            src += f"  using {name} = {CUDA_TYPES[v]};\n"
-    src += "\n" + body + "\n}\n\n} // namespace mlx::core::cu\n"
-    return src
-
-
-def _ids():
-    return [f"{k}-" + "-".join(_targ_str(v) for _, v in t) for k, _, _, t in _instances()]
-
-
-def _compile(cmd, src, tmp_path, suffix):
+def _run(cmd, src, tmp_path, suffix):
     path = tmp_path / f"unit{suffix}"
     path.write_text(src)
     res = subprocess.run(cmd + [str(path)], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr[-6000:]}"
+    return res.returncode, res.stdout, res.stderr[-6000:]
+
+
+def _units(build, instances):
+    # One unit with every instantiation (names made unique), to pay the compiler's start-up once.
+    return "\n".join(
+        build(*inst, fname=f"custom_kernel_clsa_{inst[0]}_{i}", with_header=i == 0)
+        for i, inst in enumerate(instances)
+    )
+
+
+def cuda_check(tmp_path, instances):
+    unique = {(k, tuple(d for d, _ in i), tuple(o), tuple(t)): (k, i, o, t) for k, i, o, t in instances}
+    cmd = ["nvcc", "-c", "-std=c++17", "-arch=sm_90", f"-I{SHIMS}", "-o", str(tmp_path / "k.o"), "-x", "cu"]
+    return _run(cmd, _units(cuda_unit, list(unique.values())), tmp_path, ".cu")[::2]
+
+
+def metal_types_check(tmp_path, instances):
+    cmd = [_clang(), "-x", "c++", "-std=c++14", "-fsyntax-only", "-Werror=c++17-extensions",
+           "-Wno-unknown-attributes", "-Werror=return-type", "-include", str(SHIMS / "metal_shim.h")]
+    return _run(cmd, _units(metal_unit, instances), tmp_path, ".cpp")[::2]
+
+
+def metal_address_space_check(tmp_path, instances):
+    """(rc, errors): clang's OpenCL compile, then the threadgroup bytes of every kernel."""
+    cmd = [_clang(), "-x", "clcpp", "-cl-std=clc++2021", "-target", "spir64", "-O0", "-S", "-emit-llvm",
+           "-Xclang", "-cl-ext=-__opencl_c_generic_address_space,-__opencl_c_pipes,-__opencl_c_device_enqueue",
+           "-Werror=return-type", "-include", str(SHIMS / "metal_opencl_shim.h"), "-o", "-"]
+    names = [f"custom_kernel_clsa_{inst[0]}_{i}" for i, inst in enumerate(instances)]
+    rc, ir, err = _run(cmd, _units(opencl_unit, instances), tmp_path, ".clcpp")
+    if rc:
+        return rc, err
+    used = threadgroup_bytes(ir)
+    over = {instance_id(*inst): used[n] for n, inst in zip(names, instances) if used.get(n, 0) > METAL_THREADGROUP_LIMIT}
+    missing = [n for n in names if n.startswith(("custom_kernel_clsa_route", "custom_kernel_clsa_sparse")) and n not in used]
+    return (1, f"threadgroup bytes over 32 KB: {over}; none found for {missing}") if over or missing else (0, "")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_instantiations_compile(tmp_path):
-    # One translation unit with every instantiation (kernel names made unique), to
-    # pay nvcc's start-up once.
-    units = []
-    for i, (kernel, ins, outs, tmpl) in enumerate(_instances()):
-        # Unique names so all instantiations share one unit; header once.
-        fname = f"custom_kernel_clsa_{kernel}_{i}"
-        units.append(cuda_unit(kernel, ins, outs, tmpl, fname, with_header=i == 0))
-    cmd = ["nvcc", "-c", "-std=c++17", "-arch=sm_90", f"-I{SHIMS}", "-o", str(tmp_path / "k.o")]
-    _compile(cmd + ["-x", "cu"], "\n".join(units), tmp_path, ".cu")
+    rc, err = cuda_check(tmp_path, INSTANCES)
+    assert rc == 0, err
 
 
-def _clang():
-    for name in ("clang++", "clang"):
-        if shutil.which(name):
-            return name
-    return None
+@needs_clang
+def test_metal_instantiations_typecheck_as_cpp14(tmp_path):
+    rc, err = metal_types_check(tmp_path, INSTANCES)
+    assert rc == 0, err
 
 
-@pytest.mark.skipif(_clang() is None, reason="clang not installed (apt-get install clang)")
-def test_metal_instantiations_syntax(tmp_path):
-    units = []
-    for i, (kernel, ins, outs, tmpl) in enumerate(_instances()):
-        fname = f"custom_kernel_clsa_{kernel}_{i}"
-        units.append(metal_unit(kernel, ins, outs, tmpl, fname, with_header=i == 0))
-    cmd = [
-        _clang(),
-        "-x",
-        "c++",
-        "-std=c++17",
-        "-fsyntax-only",
-        "-Wno-unknown-attributes",
-        "-Werror=return-type",
-        "-include",
-        str(SHIMS / "metal_shim.h"),
-    ]
-    _compile(cmd, "\n".join(units), tmp_path, ".cpp")
+@needs_clang
+def test_metal_address_spaces_and_threadgroup_bytes(tmp_path):
+    rc, err = metal_address_space_check(tmp_path, INSTANCES)
+    assert rc == 0, err
+
+
+def test_dispatch_covers_decode_and_shipped_shapes():
+    ids = {instance_id(*inst) for inst in INSTANCES}
+    # decode with one batch row: the routing state inputs are `constant`
+    assert {"route_write-256-ddcccc", "route_select--ddcc", "route_hist-3-256-ddcdcc"} <= ids
+    assert any(i.startswith("route_score-bfloat16-bfloat16-32-512") for i in ids)
+    assert any(i.startswith("sparse_attention-float16-64-2-") for i in ids)
+    assert len({i for i in ids if i.startswith("sparse_attention")}) == 45
+
+
+# (file, text, replacement, check that must fail): Metal bugs that compile as plain C++.
+MUTATIONS = {
+    "thread array as threadgroup scratch": ("route_hist.inc", "SHARED uint ws[NW + 1];", "uint ws[NW + 1];", "as"),
+    "device array as threadgroup scratch": (
+        "route_write.inc", "lane, warp, ws);", "lane, warp, (device uint*)idx);", "as"),
+    "atomic on thread memory": ("route_hist0.inc", "SHARED SHARED_ATOMIC_UINT h[256];", "SHARED_ATOMIC_UINT h[256];", "as"),
+    "store through constant": ("gather_kv.inc", "const int K = prm[0]", "((constant int*)prm)[0] = 0;\n  const int K = prm[0]", "as"),
+    "threadgroup pointer to a device parameter": (
+        "common.h", "template <int NWARPS>", "FN void put(device uint* p) { p[0] = 0u; }\ntemplate <int NWARPS>", "as",
+        ("route_write.inc", "  SHARED uint ws[NW + 1];", "  SHARED uint ws[NW + 1];\n  put(ws);"),
+    ),
+    "threadgroup array over 32 KB": ("route_select.inc", "SHARED uint part[1024];", "SHARED uint part[9000];", "as"),
+    "SHARED_PTR(T) as T*": ("dialect_metal.h", "#define SHARED_PTR(T) threadgroup T*", "#define SHARED_PTR(T) T*", "as"),
+    "device helper on a constant input": (
+        "common.h", "template <int NWARPS>", "FN int first(const device int* p) { return p[0]; }\ntemplate <int NWARPS>", "as",
+        ("route_write.inc", "  SHARED uint ws[NW + 1];", "  SHARED uint ws[NW + 1];\n  const int s0 = first(start);"),
+    ),
+    "C++17 in a kernel": ("route_hist.inc", "constexpr int NW = TG / 32;", "constexpr int NW = TG / 32;\n  if constexpr (NW > 1) {}", "types"),
+}
+
+
+@needs_clang
+@pytest.mark.parametrize("bug", list(MUTATIONS))
+def test_checks_catch_injected_bugs(bug, tmp_path, monkeypatch):
+    file, *edits = MUTATIONS[bug]
+    edits = [(file, *edits[:2])] + [tuple(e) for e in edits[3:]]
+    check = metal_address_space_check if MUTATIONS[bug][3] == "as" else metal_types_check
+    read = kernels._read
+
+    def mutated(name):
+        text = read(name)
+        for f, old, new in edits:
+            if f == name:
+                assert old in text, (name, old)
+                text = text.replace(old, new)
+        return text
+
+    monkeypatch.setattr(kernels, "_read", mutated)
+    touched = {f for f, _, _ in edits}
+    mine = [i for i in INSTANCES if kernels.KERNELS[i[0]][0] in touched] or INSTANCES
+    assert check(tmp_path, mine)[0] != 0
+    if check is metal_address_space_check:  # the plain C++ check does not see these
+        assert metal_types_check(tmp_path, mine)[0] == 0
 
 
 def test_sources_mostly_shared():

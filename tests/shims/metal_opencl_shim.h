@@ -1,0 +1,48 @@
+// The Metal names the CLSA kernels use, for clang's C++ for OpenCL 2021 with the generic
+// address space turned off: Metal's address spaces map to OpenCL's, so clang refuses a
+// pointer passed to the wrong one, an atomic outside threadgroup or device memory, and a
+// store through `constant`. Types and builtins are declarations only (nothing runs).
+// bfloat16_t stands in as half: tests/shims/metal_shim.h keeps the two types apart.
+#pragma once
+#pragma OPENCL EXTENSION cl_khr_fp16 : enable
+
+#define device __global
+#define constant __constant
+#define threadgroup __local
+#define thread __private
+
+typedef long int64_t;
+typedef ulong uint64_t;
+typedef int int32_t;
+typedef uint uint32_t;
+typedef ushort uint16_t;
+typedef half float16_t;
+typedef half bfloat16_t;
+
+// atomic_uint, memory_order and INFINITY are OpenCL's own.
+namespace metal {
+enum class mem_flags { mem_none, mem_device, mem_threadgroup, mem_texture };
+void threadgroup_barrier(mem_flags);
+float simd_sum(float);
+int simd_sum(int);
+uint simd_sum(uint);
+uint simd_prefix_exclusive_sum(uint);
+int simd_prefix_exclusive_sum(int);
+float simd_prefix_exclusive_sum(float);
+template <typename To, typename From>
+To as_type(From);
+uint atomic_fetch_add_explicit(threadgroup atomic_uint*, uint, memory_order);
+uint atomic_fetch_add_explicit(device atomic_uint*, uint, memory_order);
+void atomic_store_explicit(threadgroup atomic_uint*, uint, memory_order);
+void atomic_store_explicit(device atomic_uint*, uint, memory_order);
+uint atomic_load_explicit(threadgroup atomic_uint*, memory_order);
+uint atomic_load_explicit(device atomic_uint*, memory_order);
+float exp(float);
+float max(float, float);
+int max(int, int);
+uint max(uint, uint);
+float min(float, float);
+int min(int, int);
+uint min(uint, uint);
+} // namespace metal
+using namespace metal;
