@@ -3,10 +3,11 @@
     python benchmarks/bench_kernels.py [--out-dir DIR] [--T 8192,32768,...] [--iters 20]
 
 Decode routing (B=1, one query row, d_idx=128, k=2048, bf16):
-  kernel            clsa_mlx.kernels.route (radix select, 9 launches)
+  kernel            clsa_mlx.kernels.route (radix select, 6 launches)
   argpartition      scores matmul + mx.argpartition + mx.sort of the k indices
   topk_ref          clsa_mlx.sparse.route_ref (mx.topk threshold + cumsum compaction)
 select_kv (routing + gather of K/V rows, Hkv=8, hd=128): kernel vs argpartition + take.
+Batched decode routing (B=32, T <= 128K): kernel vs argpartition.
 Sparse attention (B=1, Hq=20, Hkv=4, hd=128, 16 query rows, k=2048): kernel vs the
 reference (masked dense SDPA over all T keys).
 Times are per call, averaged over `iters` calls evaluated together (one sync), so
@@ -27,6 +28,9 @@ import mlx.core as mx  # noqa: E402
 
 from benchmarks.common import copy_bandwidth, machine, timed  # noqa: E402
 from clsa_mlx import kernels, sparse  # noqa: E402
+
+
+BATCH = 32
 
 
 def argpartition_route(q, kidx, k):
@@ -76,8 +80,14 @@ def main():
                 inputs=[q.reshape(1, D), kidx, prm, mx.zeros((1,), mx.int32)],
                 template=[("QT", dt), ("KT", dt), ("D", D), ("TG", kernels._TG_SCORE)],
                 grid=(C * kernels._TG_SCORE, 1, 1), threadgroup=(kernels._TG_SCORE, 1, 1),
-                output_shapes=[(1, T), (1, C, 256)], output_dtypes=[mx.float32, mx.uint32],
+                output_shapes=[(1, T + (C + 1) * 256)], output_dtypes=[mx.uint32], init_value=0,
             )
+        if be and T <= 131072:  # batched decode routing (mlx-lm's BatchGenerator), one row each
+            qb = mx.random.normal((BATCH, 1, D)).astype(dt)
+            kb = mx.random.normal((BATCH, T, D)).astype(dt)
+            mx.eval(qb, kb)
+            fns[f"route_kernel_b{BATCH}"] = lambda: kernels.route(qb, kb, k, T - 1, be)
+            fns[f"route_argpartition_b{BATCH}"] = lambda: argpartition_route(qb, kb, k)
         if T >= k:
             # Sparse attention for 16 query rows (verification / full-sequence eval).
             Lq, Hkv, G = 16, 4, 5
@@ -102,6 +112,8 @@ def main():
             for base in ("route_argpartition", "route_topk_ref"):
                 if base + "_ms" in r:
                     r[f"speedup_vs_{base}"] = r[base + "_ms"] / r["route_kernel_ms"]
+        if f"route_kernel_b{BATCH}_ms" in r and f"route_argpartition_b{BATCH}_ms" in r:
+            r[f"speedup_vs_route_argpartition_b{BATCH}"] = r[f"route_argpartition_b{BATCH}_ms"] / r[f"route_kernel_b{BATCH}_ms"]
         if "select_kv_kernel_ms" in r and "select_kv_argpartition_ms" in r:
             r["speedup_select_kv"] = r["select_kv_argpartition_ms"] / r["select_kv_kernel_ms"]
         if "attention_kernel_ms" in r:
@@ -132,7 +144,7 @@ def plot(out, path):
     Ts = [r["T"] for r in rows]
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.8))
     for name in ("route_kernel", "route_argpartition", "route_topk_ref", "scores_matmul",
-                 "select_kv_kernel", "select_kv_argpartition"):
+                 "select_kv_kernel", "select_kv_argpartition", f"route_kernel_b{BATCH}", f"route_argpartition_b{BATCH}"):
         ys = [r.get(name + "_ms") for r in rows]
         if any(y is not None for y in ys):
             ax[0].plot([t for t, y in zip(Ts, ys) if y], [y for y in ys if y], "o-", label=name)

@@ -20,9 +20,10 @@ import mlx.core as mx
 # Radix select: 8-bit digits, 4 levels over the 32-bit order-preserving score key.
 _TG = 256  # threads per group of the routing passes (one per histogram bin)
 _TG_SCORE = 512  # threads per group of the scoring pass (more loads in flight)
-_MAX_CHUNKS = 256  # chunks per row (the select pass scans them in one group)
+_MAX_CHUNKS = 256  # chunks per row (the select pass scans them in one group of _TG threads)
 _FUSED_MAX_L = 4  # up to this many query rows score inside the kernel; more use a matmul
 _SHARED_BYTES = 28 * 1024  # threadgroup memory budget (Metal allows 32 KB)
+assert _MAX_CHUNKS <= _TG  # route_select scans a row's chunks with one thread each
 
 
 def _find_sources() -> Path:
@@ -40,23 +41,11 @@ SOURCE_DIR = _find_sources()
 
 # name -> (body file, input names, output names)
 KERNELS = {
-    "route_score": ("route_score.inc", ["q", "kidx", "prm", "start"], ["scores", "hist"]),
-    "route_hist0": ("route_hist0.inc", ["scores", "prm", "start"], ["hist"]),
-    "route_hist": (
-        "route_hist.inc",
-        ["scores", "prm", "start", "hist_in", "st_in", "above_in"],
-        ["hist", "st", "above"],
-    ),
-    "route_select": (
-        "route_select.inc",
-        ["hist", "prm", "st_in", "above_in"],
-        ["st", "abase", "tbase"],
-    ),
-    "route_write": (
-        "route_write.inc",
-        ["scores", "prm", "start", "st", "abase", "tbase"],
-        ["idx"],
-    ),
+    "route_score": ("route_score.inc", ["q", "kidx", "prm", "start"], ["work"]),
+    "route_hist0": ("route_hist0.inc", ["scores", "prm", "start"], ["work"]),
+    "route_hist": ("route_hist.inc", ["sw", "prm", "start", "prev"], ["work"]),
+    "route_select": ("route_select.inc", ["lw", "prm"], ["st", "abase", "tbase"]),
+    "route_write": ("route_write.inc", ["sw", "prm", "start", "st", "abase", "tbase"], ["idx"]),
     "gather_kv": ("gather_kv.inc", ["idx", "keys", "values", "prm"], ["ks", "vs"]),
     "sparse_attention": (
         "sparse_attention.inc",
@@ -146,9 +135,12 @@ def _no_padding(B: int) -> mx.array:
 def _route_rows(q_idx, k_idx, k: int, offset: int, be: str, start):
     """Exact causal top-k (same contract as `sparse.route_ref`) by a 4-level radix
     select (8-bit digits of an order-preserving key of the fp32 score) split over many
-    threadgroups, in 6 launches: score + top-digit histogram; three passes that each
-    pick one digit and histogram the next; a final select that also scans the
-    per-chunk counts; an ordered write."""
+    threadgroups, in 6 launches: score keys + top-digit histogram; three passes that each
+    pick one digit and histogram the next; a final select that also scans the per-chunk
+    counts; an ordered write. Each histogram pass also adds its chunk into the row's
+    total (device atomics), so the next pass reads 256 totals, not every chunk's
+    histogram; that needs a zeroed output, so each such pass has one packed output
+    (layouts in metal/common.h) and MLX zeroes it."""
     B, L, D = q_idx.shape
     T = k_idx.shape[1]
     R = B * L
@@ -156,48 +148,44 @@ def _route_rows(q_idx, k_idx, k: int, offset: int, be: str, start):
     prm = mx.array([T, L, offset, k, chunk, C, 0, 0], dtype=mx.int32)
     grid = (R * C * _TG, 1, 1)
     tg = (_TG, 1, 1)
+    score_work = dict(output_shapes=[(R, T + (C + 1) * 256)], output_dtypes=[mx.uint32], init_value=0)
     if L <= _FUSED_MAX_L:
         q = mx.contiguous(q_idx).reshape(R, D)
-        scores, hist = _kernel(be, "route_score")(
+        (sw,) = _kernel(be, "route_score")(
             inputs=[q, k_idx, prm, start],
             template=[("QT", q.dtype), ("KT", k_idx.dtype), ("D", D), ("TG", _TG_SCORE)],
             grid=(R * C * _TG_SCORE, 1, 1),
             threadgroup=(_TG_SCORE, 1, 1),
-            output_shapes=[(R, T), (R, C, 256)],
-            output_dtypes=[mx.float32, mx.uint32],
+            **score_work,
         )
     else:
         # Many rows: MLX's matmul computes the scores better than a per-row scan.
         from .sparse import index_scores
 
         scores = mx.contiguous(index_scores(q_idx, k_idx).reshape(R, T))
-        (hist,) = _kernel(be, "route_hist0")(
-            inputs=[scores, prm, start],
-            template=[("TG", _TG)],
-            grid=grid,
-            threadgroup=tg,
-            output_shapes=[(R, C, 256)],
-            output_dtypes=[mx.uint32],
+        (sw,) = _kernel(be, "route_hist0")(
+            inputs=[scores, prm, start], template=[("TG", _TG)], grid=grid, threadgroup=tg, **score_work
         )
-    st, above = prm, prm  # unread at level 1
+    work = sw  # level 1 reads the score work's histograms
     for level in (1, 2, 3):
-        hist, st, above = _kernel(be, "route_hist")(
-            inputs=[scores, prm, start, hist, st, above],
+        (work,) = _kernel(be, "route_hist")(
+            inputs=[sw, prm, start, work],
             template=[("LEVEL", level), ("TG", _TG)],
             grid=grid,
             threadgroup=tg,
-            output_shapes=[(R, C, 256), (R, 4), (R, C)],
-            output_dtypes=[mx.uint32] * 3,
+            output_shapes=[(R, (C + 1) * 256 + 4 + C)],
+            output_dtypes=[mx.uint32],
+            init_value=0,
         )
     st, abase, tbase = _kernel(be, "route_select")(
-        inputs=[hist, prm, st, above],
-        grid=(1024 * R, 1, 1),
-        threadgroup=(1024, 1, 1),
+        inputs=[work, prm],
+        grid=(_TG * R, 1, 1),
+        threadgroup=(_TG, 1, 1),
         output_shapes=[(R, 4), (R, C), (R, C)],
         output_dtypes=[mx.uint32] * 3,
     )
     (idx,) = _kernel(be, "route_write")(
-        inputs=[scores, prm, start, st, abase, tbase],
+        inputs=[sw, prm, start, st, abase, tbase],
         template=[("TG", _TG)],
         grid=grid,
         threadgroup=tg,

@@ -14,6 +14,7 @@ FN uint score_key(float f) {
 // (valid until the next call). Every thread of the group must call it.
 template <int NWARPS>
 FN uint block_excl_scan(uint v, uint lane, uint warp, SHARED_PTR(uint) ws) {
+  static_assert(NWARPS >= 1 && NWARPS <= 32, "one warp scans the warp totals");
   uint x = SIMD_PREFIX_EXCL(v);
   if (lane == 31u) ws[warp] = x + v;
   BARRIER();
@@ -27,4 +28,23 @@ FN uint block_excl_scan(uint v, uint lane, uint warp, SHARED_PTR(uint) ws) {
   uint r = x + ws[warp];
   BARRIER();
   return r;
+}
+
+// Row layouts of the routing work buffers (uint32, zeroed by MLX before each pass):
+// score work [R, score_row]: the T score keys, C chunk histograms of the top digit, the
+// row's total histogram; level work [R, level_row]: C chunk histograms of the next digit,
+// the total, the state (prefix, remaining k, 0, 0), and each chunk's count of keys above.
+FN size_t score_row(int T, int C) { return (size_t)T + (size_t)(C + 1) * 256; }
+FN size_t level_row(int C) { return (size_t)(C + 1) * 256 + 4 + (size_t)C; }
+
+// Writes one chunk's threadgroup histogram h (256 bins) to hist and adds it into the
+// row's total (device atomics, zero bins skipped), so the next pass reads 256 totals
+// instead of summing every chunk's histogram.
+template <int TG, typename H, typename O>
+FN void flush_hist(H h, O hist, O tot, uint tid) {
+  for (uint j = tid; j < 256u; j += (uint)TG) {
+    const uint v = ATOMIC_LOAD(&h[j]);
+    hist[j] = v;
+    if (v) DEVICE_ATOMIC_ADD(&tot[j], v);
+  }
 }

@@ -10,6 +10,7 @@ typedef unsigned int uint;
 #define ATOMIC_ADD(p, v) atomicAdd((p), (v))
 #define ATOMIC_STORE(p, v) (*(p) = (v))
 #define ATOMIC_LOAD(p) (*(p))
+#define DEVICE_ATOMIC_ADD(p, v) atomicAdd((p), (v))
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define EXP(x) expf(x)
 #define FMAX(a, b) fmaxf((a), (b))

@@ -11,6 +11,7 @@
 #define ATOMIC_ADD(p, v) atomic_fetch_add_explicit((p), (v), memory_order_relaxed)
 #define ATOMIC_STORE(p, v) atomic_store_explicit((p), (v), memory_order_relaxed)
 #define ATOMIC_LOAD(p) atomic_load_explicit((p), memory_order_relaxed)
+#define DEVICE_ATOMIC_ADD(p, v) atomic_fetch_add_explicit((device atomic_uint*)(p), (v), memory_order_relaxed)
 #define NEG_INF (-INFINITY)
 #define EXP(x) metal::exp(x)
 #define FMAX(a, b) metal::max((a), (b))

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The kernels on the GPU box (MLX CUDA installed), one device call per part:
+#   bash benchmarks/gpu_kernels.sh check   kernel tests against the references (the self-test must pass
+#                                          everywhere: tests/conftest.py fails the run on a fallback),
+#                                          mlx-lm's batch machinery through the kernels, the quick sweep
+#   bash benchmarks/gpu_kernels.sh sweep   the whole kernel-vs-reference sweep (T to 1M, left padding)
+#   bash benchmarks/gpu_kernels.sh bench   bench_kernels.py on this tree and on before_tree/ (an
+#                                          untracked copy of the previous kernels, made for the run)
+# -> $OUT/*.log, $OUT/*.json, $OUT/*.png
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gpu_$1.log"
+if [ "$1" = check ]; then
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_kernel_fallback.py \
+    tests/test_sparse_ref.py tests/test_batch.py -k "not dispatch_on_cpu" 2>&1 | tail -30 | tee "$OUT/tests_gpu_kernels.log"
+  timeout 200 python3 benchmarks/check_kernels_gpu.py --quick \
+    --out "$OUT/check_kernels_gpu_quick.json" 2>&1 | tail -40 | tee "$OUT/check_quick.log"
+elif [ "$1" = sweep ]; then
+  timeout 570 python3 benchmarks/check_kernels_gpu.py --out "$OUT/check_kernels_gpu.json" 2>&1 | tail -40 | tee "$OUT/check_sweep.log"
+else
+  mkdir -p "$OUT/before" "$OUT/after"
+  timeout 280 python3 benchmarks/bench_kernels.py --out-dir "$OUT/after" 2>&1 | tail -12 | tee "$OUT/bench_after.log"
+  (cd before_tree && PYTHONPATH=. timeout 280 python3 benchmarks/bench_kernels.py --out-dir "$OUT/before") 2>&1 \
+    | tail -12 | tee "$OUT/bench_before.log"
+fi
