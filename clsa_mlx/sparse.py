@@ -170,7 +170,7 @@ def _probe_select_kv(be, qt, kt, D, dt, HD):
     return None if same else "gathered rows differ from the reference"
 
 
-_ATTENTION_TOL = {mx.float32: 1e-3, mx.float16: 2e-2, mx.bfloat16: 1.5e-1}
+_ATTENTION_TOL = {mx.float32: 5e-3, mx.float16: 2e-2, mx.bfloat16: 1.5e-1}  # fp32: a GPU reference may use TF32
 
 
 def _probe_sparse_attention(be, dt, HD, G):
