@@ -32,12 +32,10 @@ import click
               help="Folder, file or hub id to take the tokenizer files from (default: the checkpoint folder).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of a hub id.")
 @click.option("--upload-repo", default=None, help="Hugging Face repo to upload the converted folder to.")
-@click.option("--max-shard-size-gb", type=float, default=5.0, show_default=True,
-              help="Split the safetensors into shards of about this size.")
 @click.option("--allow-non-finite", is_flag=True, help="Convert weights that hold NaN or Inf (refused by default).")
 @click.option("-v", "--verbose", is_flag=True, help="Show the full traceback on errors.")
 def main(torch_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, quantize_indexer, tokenizer,
-         revision, upload_repo, max_shard_size_gb, allow_non_finite, verbose):
+         revision, upload_repo, allow_non_finite, verbose):
     """Convert a PyTorch YOCO / CLSA checkpoint to an MLX folder for clsa_mlx and mlx-lm."""
     from clsa_mlx.convert import ConvertError, convert
 
@@ -49,7 +47,7 @@ def main(torch_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, qu
             q_bits=int(q_bits) if q_bits else None, q_group_size=int(q_group_size) if q_group_size else None,
             q_mode=q_mode,
             tokenizer=tokenizer, upload_repo=upload_repo, revision=revision,
-            quantize_indexer=quantize_indexer, max_shard_gb=max_shard_size_gb, allow_non_finite=allow_non_finite,
+            quantize_indexer=quantize_indexer, allow_non_finite=allow_non_finite,
         )
     except ConvertError as e:
         if verbose:

@@ -347,17 +347,33 @@ class Model(nn.Module):
         self.output_projection = nn.Linear(args.dim, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None, input_embeddings=None):
-        if input_embeddings is None:
-            input_embeddings = self.embed_tokens(inputs) * self.args.embed_scale
         if cache is None:
             cache = self.make_cache()
         n = len(self.self_decoder.layers)
         kv_cache = cache[n]
+        if input_embeddings is None:
+            input_embeddings = self.embed_tokens(self._vocabulary_ids(inputs, kv_cache)) * self.args.embed_scale
         index_cache = cache[n + 1] if self.args.sparse else None
         offset = kv_cache.offset
         x = self.self_decoder(input_embeddings, cache[:n], offset)
         x = self.cross_decoder(x, kv_cache, index_cache, offset)
         return self.output_projection(self.layer_norm(x))
+
+    def _vocabulary_ids(self, inputs, kv_cache):
+        """An id outside the vocabulary reads outside the embedding (a segfault on the CPU).
+        Prompt chunks and first calls (host lists in mlx-lm) are checked, one sync each; decode
+        steps feed sampled ids and are clamped only, as is everything under mx.compile."""
+        V = self.args.vocab_size
+        if inputs.shape[-1] > 1 or kv_cache.keys is None:
+            bad = (inputs < 0) | (inputs >= V)
+            try:
+                found = bad.any().item()
+            except ValueError:  # traced (mlx-lm's compiled training step): no eval allowed
+                found = False
+            if found:
+                first = inputs.reshape(-1)[mx.argmax(bad.reshape(-1))].item()
+                raise ValueError(f"token id {first} is outside the vocabulary (0..{V - 1})")
+        return mx.clip(inputs, 0, V - 1)
 
     @property
     def layers(self):

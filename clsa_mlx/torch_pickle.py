@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import mmap
 import os
 import pickle
@@ -195,6 +196,11 @@ def _rebuild(storage, offset, size, stride, dtype):
         raise TorchFormatError(
             f"storage {storage.key}: tensor of shape {size} at offset {offset} reaches element {last}, "
             f"but the storage holds {n} (truncated or corrupted file)"
+        )
+    if math.prod(size) > n:  # only overlapping (e.g. stride-0) views can: memory beyond what the file holds
+        raise TorchFormatError(
+            f"storage {storage.key}: tensor of shape {size}, strides {stride} repeats elements of a storage "
+            f"of {n}; refusing to expand it"
         )
     arr = np.lib.stride_tricks.as_strided(
         values[offset:],

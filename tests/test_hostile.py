@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -22,8 +23,9 @@ from convert_fixtures import ROOT, make_model, write_hf, write_official, write_t
 import clsa_mlx
 from clsa_mlx import torch_pickle
 from clsa_mlx.config import ModelArgs
-from clsa_mlx.convert import ConvertError, convert, params_to_args
+from clsa_mlx.convert import ConvertError, convert
 from clsa_mlx.generate import stream_generate
+from clsa_mlx.layouts import params_to_args
 from clsa_mlx.tiny import make_tiny_folder
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -230,6 +232,27 @@ def test_token_ids_outside_the_vocabulary_are_refused(tiny, bad):
                              and not isinstance(bad, bool) else [bad], max_tokens=2))
 
 
+
+@pytest.mark.parametrize("prompt", [[5, 10**8, 6], [5, -1, 6], [10**8]])
+def test_mlx_lms_own_loops_refuse_ids_outside_the_vocabulary(tiny, prompt):
+    # a segfault before: MLX's gather reads outside the embedding
+    from mlx_lm import batch_generate, generate
+
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match=r"token id -?\d+ is outside the vocabulary \(0\.\.258\)"):
+        generate(model, tokenizer, prompt, max_tokens=2)
+    with pytest.raises(ValueError, match="is outside the vocabulary"):
+        batch_generate(model, tokenizer, [[5, 6, 7], prompt], max_tokens=2)
+    assert generate(model, tokenizer, [5, 6, 7], max_tokens=2) is not None  # the model is still fine
+
+
+def test_decode_steps_clamp_instead_of_reading_outside_the_embedding(tiny):
+    model, _ = tiny
+    cache = model.make_cache()
+    model(mx.array([[5, 6, 7]]), cache=cache)
+    mx.eval(model(mx.array([[10**8]]), cache=cache))  # a decode step: no sync to check, no crash
+
+
 # ---- configs --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key,value,message", [
@@ -290,7 +313,88 @@ def test_convert_cli_exits_1_with_one_line_for_a_crafted_pickle(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _pickle_of(path, patch):
+    """A torch.save file of one 4-element tensor with its data.pkl bytes patched."""
+    torch_file(path)
+    with zipfile.ZipFile(path) as z:
+        entries = {i.filename: z.read(i) for i in z.infolist()}
+    name = next(n for n in entries if n.endswith("data.pkl"))
+    return torch_file(path, patch(entries[name]))
+
+
+BIG = b"J" + (2**28).to_bytes(4, "little")  # BININT 2**28: a 1 GB fp32 view
+SIZE_AT, STRIDE_AT = 112, 117  # where torch.save writes the one size and stride of a 4-element tensor
+
+
+def _amplifiers():
+    """Files that once turned a few bytes into GBs: name -> (writer, expected message)."""
+    def zeros_compressed(path):
+        torch.save({"w": torch.zeros(2**26)}, path)  # 256 MB, then deflated to ~250 KB
+        with zipfile.ZipFile(path) as z:
+            entries = {i.filename: z.read(i) for i in z.infolist()}
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            for n, data in entries.items():
+                z.writestr(n, data)
+
+    return {
+        "stride-0 view": (lambda p: _pickle_of(p, lambda d: d[:SIZE_AT] + BIG + d[SIZE_AT + 2:STRIDE_AT] + b"K\0"
+                                               + d[STRIDE_AT + 2:]), "refusing to expand it"),
+        "view past its storage": (lambda p: _pickle_of(p, lambda d: d[:SIZE_AT] + BIG + d[SIZE_AT + 2:]),
+                                  "but the storage holds 4"),
+        "deflated zeros": (zeros_compressed, "compressed or encrypted"),
+        "bytearray of a size": (lambda p: torch_file(p, pkl(call(G("builtins", "bytearray"), I(2**30)))),
+                                "bytearray of something other than bytes"),
+    }
+
+
+# Reads every tensor's values in a fresh process, which reports its own high-water mark
+# (ru_maxrss would count the parent's memory at the fork).
+READ_ALL = """import sys
+from clsa_mlx import torch_pickle
+try:
+    obj = torch_pickle.load(sys.argv[1])
+    print("read", sum(v.to_mlx().nbytes for v in obj.values()))
+except (torch_pickle.TorchFormatError, torch_pickle.UnsafePickleError) as e:
+    print("refused", e)
+print(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+"""
+
+
+def _read_peak_mb(path):
+    r = subprocess.run([sys.executable, "-c", READ_ALL, str(path)], capture_output=True, text=True, check=True)
+    *out, peak = r.stdout.strip().splitlines()
+    return "\n".join(out), int(peak) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak from /proc")
+def test_amplifying_files_are_refused_within_the_memory_of_a_clean_read(tmp_path):
+    out, baseline = _read_peak_mb(torch_file(tmp_path / "clean.pth"))
+    assert out == "read 16"
+    for name, (write, message) in _amplifiers().items():
+        path = tmp_path / f"{name.replace(' ', '-')}.pth"
+        write(path)
+        out, peak = _read_peak_mb(path)
+        assert out.startswith("refused") and message in out and "\n" not in out, (name, out)
+        assert peak < baseline + 64, (name, peak, baseline)  # each one would take >= 256 MB more
+
+
 # ---- weights ----------------------------------------------------------------------------
+
+def test_huge_names_from_a_file_are_cut_in_the_error_line(tmp_path):
+    model, args = make_model("retention-dense")
+    name = "x" * 4_000_000
+    src = write_official(model, args, tmp_path / "params")
+    params = json.loads((src / "params.json").read_text())
+    (src / "params.json").write_text(json.dumps({**params, name: 1}))
+    hf = write_hf(model, args, tmp_path / "hf")
+    weights = mx.load(str(hf / "model.safetensors"))
+    mx.save_safetensors(str(hf / "model.safetensors"), {**weights, name: mx.zeros(1)})
+    for folder, why in ((src, "unknown key"), (hf, "unexpected tensor")):
+        with pytest.raises(ConvertError) as e:
+            convert(str(folder), str(tmp_path / "out"), progress=False)
+        line = str(e.value)
+        assert len(line) < 700 and "\n" not in line and str(folder) in line and why in line and "characters cut" in line
+
 
 def test_overlapping_safetensors_offsets_are_refused_by_convert_and_load(tmp_path):
     model, args = make_model("swa-clsa", vocab_size=259)
@@ -345,13 +449,13 @@ def test_sigterm_mid_conversion_leaves_nothing_and_stale_partials_are_removed(tm
     dead.wait()
     stale = tmp_path / f".out.partial-{dead.pid}"
     stale.mkdir()
-    real = conv.save_weights
+    real = conv.save_model
 
     def killed(*a, **kw):
         real(*a, **kw)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(conv, "save_weights", killed)
+    monkeypatch.setattr(conv, "save_model", killed)
     previous = signal.getsignal(signal.SIGTERM)
     try:
         r = CliRunner().invoke(cli, ["--torch-path", str(src), "--mlx-path", str(tmp_path / "out")])
