@@ -212,6 +212,8 @@ def read_source(src: Path):
         log(f"[INFO] Reading {len(files)} weight file(s) from {folder}")
     reader = _read_safetensors if kind == "safetensors" else _read_torch
     weights = _read_files(files, reader, index)
+    if not weights:
+        raise ConvertError(f"{files[0] if len(files) == 1 else folder}: the checkpoint holds no tensors")
     weights, origin = normalize_names(weights, str(files[0] if len(files) == 1 else folder))
     if kind == "pth" and params.is_file():
         return params_to_args(_load_json(params), str(params)), weights, origin, f"checkpoint {files[0].name}", {}

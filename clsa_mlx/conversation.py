@@ -12,11 +12,11 @@ from mlx_lm.models.cache import (ArraysCache, RotatingKVCache, load_prompt_cache
                                   trim_prompt_cache)
 
 from .generate import context_used, prefill, stream_generate
-from .loading import one_line
+from .loading import OneLineError, one_line
 
 PREFILL_STEP = 2048
 SENTINEL = "\x00QUESTION\x00"
-class ChatError(Exception):
+class ChatError(OneLineError):
     """A problem the user can fix; printed as one line, the session continues."""
 
 

@@ -5,6 +5,7 @@ import re
 from dataclasses import fields
 
 from .config import ModelArgs
+from .loading import OneLineError
 
 # official runtime fields of params.json that do not describe the model (yoco-official-code.md §2.1)
 OFFICIAL_RUNTIME_KEYS = ("max_batch_size", "model_parallel_size", "load_checkpoint")
@@ -15,15 +16,8 @@ IGNORED_SUFFIXES = (".rotary.inv_freq", ".rotary_emb.inv_freq")
 FAIRSEQ_PREFIX = "decoder.model."
 
 
-class ConvertError(Exception):
-    """A conversion problem, in one line naming the file or key; a message grown long by a name
-    from the file is cut in the middle, keeping where and why."""
-
-    def __init__(self, message: str):
-        message = " ".join(str(message).split())
-        if len(message) > 600:
-            message = f"{message[:400]} ...({len(message) - 600} characters cut)... {message[-200:]}"
-        super().__init__(message)
+class ConvertError(OneLineError):
+    """A conversion problem, naming the file or key."""
 
 
 # --------------------------------------------------------------------------------------

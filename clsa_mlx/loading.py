@@ -39,6 +39,17 @@ def add_model_file(folder) -> Path:
     return folder
 
 
+class OneLineError(Exception):
+    """A problem for the user, in one line; a message grown long by a name from a file is cut in
+    the middle, keeping where and why."""
+
+    def __init__(self, message: str):
+        message = " ".join(str(message).split())
+        if len(message) > 600:
+            message = f"{message[:400]} ...({len(message) - 600} characters cut)... {message[-200:]}"
+        super().__init__(message)
+
+
 def one_line(e: BaseException, n: int = 300) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= n else text[:n] + "..."

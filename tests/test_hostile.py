@@ -415,6 +415,32 @@ def test_overlapping_safetensors_offsets_are_refused_by_convert_and_load(tmp_pat
         clsa_mlx.load(folder)
 
 
+
+SAFETENSORS_DTYPES = ["F32", "F16", "BF16", "I32", "I64", "U8", "BOOL", "F64", "X9"]
+HEADER_VALUE = st.fixed_dictionaries({}, optional={
+    "dtype": st.sampled_from(SAFETENSORS_DTYPES) | st.integers(),
+    "shape": st.lists(st.integers(-2, 2**40), max_size=3) | st.text(max_size=3),
+    "data_offsets": st.lists(st.integers(-5, 2**40), max_size=3) | st.text(max_size=3),
+})
+
+
+@FUZZ
+@given(st.dictionaries(st.text(min_size=1, max_size=6) | st.just("embed_tokens.weight"), HEADER_VALUE, max_size=3),
+       st.integers(0, 64))
+def test_fuzzed_safetensors_headers_give_one_line(tmp_path, header, data_len):
+    folder = tmp_path / "hf"
+    if not folder.exists():
+        model, args = make_model("retention-dense")
+        write_hf(model, args, folder, names="official")
+    raw = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data_len)
+    with pytest.raises(ConvertError) as e:
+        convert(str(folder), str(tmp_path / "out"), progress=False)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 700
+    with pytest.raises(ValueError) as e:
+        clsa_mlx.load(folder)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 700
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused_unless_allowed(tmp_path, value):
     model, args = make_model("retention-dense")
@@ -527,6 +553,27 @@ def test_load_checks_everything_before_replacing_anything(conversation, tmp_path
             conversation.load(bad)
         assert (list(conversation.messages), conversation.used, conversation.text_in_cache, conversation.cache) == state, name
 
+
+
+SESSION_KEYS = ["messages", "ids", "text_in_cache", "documents", "system", "model_id", "clsa_mlx_session"]
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(SESSION_KEYS), st.none() | st.text(max_size=12) | JSON.map(json.dumps),
+                       min_size=1, max_size=4))
+def test_fuzzed_session_metadata_loads_or_leaves_the_session_unchanged(conversation, tmp_path, edit):
+    from clsa_mlx.conversation import ChatError
+
+    saved = conversation.save(str(tmp_path / "s"))
+    state = (list(conversation.messages), conversation.used, conversation.text_in_cache, conversation.cache)
+    try:
+        conversation.load(_edit(saved, tmp_path / "fuzzed.safetensors", edit))
+    except ChatError as e:
+        assert "session unchanged" in str(e) and "\n" not in str(e)
+        assert (list(conversation.messages), conversation.used, conversation.text_in_cache, conversation.cache) == state
+    else:  # it was still a valid session: the conversation goes on from it
+        list(conversation.ask("and then?", max_tokens=2))
+    conversation.load(saved)
 
 def test_load_refuses_caches_that_do_not_fit_the_model(conversation, tmp_path):
     from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
