@@ -16,6 +16,8 @@ from .loading import OneLineError, one_line
 
 PREFILL_STEP = 2048
 SENTINEL = "\x00QUESTION\x00"
+
+
 class ChatError(OneLineError):
     """A problem the user can fix; printed as one line, the session continues."""
 
@@ -88,7 +90,10 @@ class Conversation:
             tokenize=False, add_generation_prompt=True)
 
     def _content(self, question: str) -> str:
-        return "\n\n".join(self.documents + [f"Question: {question}" if self.documents else question])
+        """A question about documents reads as the model was trained on: the documents, then
+        `Question: ...`; follow-ups (documents already in earlier turns) as `Question: ...` alone."""
+        about = self.documents or any(m["role"] == "user" and m["content"].startswith("File ") for m in self.messages)
+        return "\n\n".join(self.documents + [f"Question: {question}" if about else question])
 
     def _new_tokens(self, text: str) -> list:
         """Tokens of `text` past what the cache holds; rebuilds the cache if the text diverged."""

@@ -227,6 +227,24 @@ def test_shipped_model_answers_from_a_file(tmp_path):
     c.expect(pexpect.EOF)
 
 
+
+def test_follow_up_questions_about_a_file_are_answered_from_it(tmp_path):
+    """A follow-up is asked as the model was trained to read one (`Question: ...`); asked bare,
+    the shipped model answered `9` / `3:` and invented a next question."""
+    code = (ROOT / "clsa_mlx" / "chat.py").read_text()[:3000]  # real text around the needle
+    doc = tmp_path / "notes.txt"
+    doc.write_text(f"{code}\nThe pass key is 70531. Remember it. 70531 is the pass key.\n{code}")
+    c = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--max-tokens", "10"],
+                      encoding="utf-8", codec_errors="replace", timeout=120, cwd=str(ROOT))
+    c.expect(">> ")
+    c.sendline(f"/file {doc}")
+    c.expect(r"tokens added")
+    c.expect(">> ")
+    ask(c, "Who wrote it?")
+    assert ask(c, "What is the pass key?").strip() == "70531"
+    c.sendline("/quit")
+    c.expect(pexpect.EOF)
+
 def test_ctrl_c_inside_a_document_prefill_leaves_the_conversation_as_it_was(folder, doc):
     conv, alone = conversation(folder, prefill_step=64), conversation(folder, prefill_step=64)
     for c in (conv, alone):
