@@ -1,4 +1,5 @@
-"""Chat with a CLSA / YOCO model: `python chat.py [--model PATH] [--file DOC] [--prompt TEXT]`."""
+"""Chat with a CLSA / YOCO model: `python chat.py [--model PATH] [--file DOC] [--prompt TEXT]`
+(`clsa-chat` and `python -m clsa_mlx.chat` once installed)."""
 
 from clsa_mlx.chat import main
 

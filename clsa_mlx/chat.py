@@ -1,9 +1,11 @@
 """`python chat.py`: interactive long-context chat, or one-shot answers for scripts."""
 
+import atexit
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import click
 import mlx.core as mx
@@ -14,31 +16,38 @@ from .loading import load, resolve, shipped_model
 
 HELP = """commands:
   /file PATH     add a document (prefilled now; ask about it in the next question)
+  /docs          the documents in this conversation
   /system TEXT   set the system prompt (starts a new conversation)
   /reset         forget the conversation
   /save FILE     save the session (prompt cache + conversation) to FILE.safetensors
   /load FILE     resume a saved session of this model
   /stats         context, cache and memory figures
   /help          this text
-  /quit          leave (also Ctrl-D; Ctrl-C stops a reply)"""
+  /quit          leave (also Ctrl-D; Ctrl-C stops a reply or a prefill)
+a line of three double quotes starts and ends a question of several lines"""
+HISTORY = os.environ.get("CLSA_MLX_HISTORY", "~/.cache/clsa-mlx/history")  # typed lines across runs; "" = none
 
 
 class Progress:
-    """Prefill progress on stderr for long inputs: tokens done / total, tok/s, time left."""
+    """Prefill progress on stderr for long inputs, from the start: tokens done / total, tok/s,
+    time left; one line redrawn in a terminal, a line per step otherwise."""
 
-    def __init__(self, min_tokens: int = 2 * PREFILL_STEP):
-        self.min_tokens, self.t0 = min_tokens, None
+    def __init__(self, min_tokens: int = PREFILL_STEP):
+        self.min_tokens, self.t0, self.tty = min_tokens, None, sys.stderr.isatty()
 
     def __call__(self, done: int, total: int):
         if total < self.min_tokens:
             return
         if self.t0 is None or done == 0:
             self.t0 = time.perf_counter()
-            return
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        end = "\n" if done >= total else ""
-        print(f"\r[prefill] {done:,}/{total:,} tokens, {rate:,.0f} tok/s, {(total - done) / rate:.0f}s left",
-              end=end, file=sys.stderr, flush=True)
+            line = f"[prefill] 0/{total:,} tokens"
+        else:
+            rate = done / max(time.perf_counter() - self.t0, 1e-9)
+            line = f"[prefill] {done:,}/{total:,} tokens, {rate:,.0f} tok/s, {(total - done) / rate:.0f}s left"
+        if self.tty:
+            print("\r" + line + "\x1b[K", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
 
 class StopFlag:
@@ -60,11 +69,25 @@ class StopFlag:
 
 
 def reply(conv: Conversation, question: str, out=sys.stdout, **gen):
+    progress = Progress()
+
+    def prefill_progress(done, total):
+        if stop.stopped and done < total:  # Ctrl-C inside the question's prefill: stop at this chunk
+            raise KeyboardInterrupt
+        progress(done, total)
+
     with StopFlag() as stop:
-        for piece in conv.ask(question, progress=Progress(), stop=stop, **gen):
+        for piece in conv.ask(question, progress=prefill_progress, stop=stop, **gen):
             print(piece, end="", file=out, flush=True)
     print(file=out)
+    if conv.dropped:
+        print(f"[dropped the {conv.dropped} oldest turn(s) to fit the context]", file=out)
     return stop.stopped
+
+
+def _cut(text: str, n: int = 70) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def command(conv: Conversation, line: str) -> bool:
@@ -83,47 +106,102 @@ def command(conv: Conversation, line: str) -> bool:
         print("[system prompt set; new conversation]")
     elif name == "/stats":
         print(f"[{conv.stats()}]")
+    elif name == "/docs":
+        names = conv.document_names()
+        print("[" + (", ".join(names) + f"; context {conv.used}/{conv.limit}" if names else "no documents") + "]")
     elif name in ("/file", "/save", "/load") and not arg:
         raise ChatError(f"{name} needs a path")
     elif name == "/file":
         n = conv.add_document(arg, progress=Progress())
-        print(f"[{arg}: {n} tokens added; context {conv.used}/{conv.limit}]")
+        if conv.dropped:
+            print(f"[dropped the {conv.dropped} oldest turn(s) to fit the context]")
+        print(f"[{conv.document_names()[-1]}: {n} tokens added; context {conv.used}/{conv.limit}]")
     elif name == "/save":
         print(f"[saved {conv.save(arg)}: {conv.used} tokens]")
     elif name == "/load":
         conv.load(arg)
         print(f"[loaded {arg}: {conv.used} tokens, {len(conv.messages) // 2} turns]")
+        if conv.messages:
+            q, a = conv.messages[-2]["content"].rsplit("Question: ", 1)[-1], conv.messages[-1]["content"]
+            print(f"[last question: {_cut(q)!r} -> {_cut(a)!r}]")
+        if conv.documents or conv.document_names():
+            print(f"[documents: {', '.join(conv.document_names())}]")
     else:
         raise ChatError(f"unknown command {name}; /help lists them")
     return True
 
 
+def read_question(first: str, read=input) -> str:
+    """A line, or with a line of three double quotes, the lines up to the closing one."""
+    if first.strip() != '"""':
+        return first
+    lines = []
+    while (line := read("... ")).strip() != '"""':
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def turn(conv: Conversation, line: str, gen: dict) -> bool:
+    """One typed line: a /command or a question. Returns False to leave."""
+    try:
+        if line.startswith("/"):
+            return command(conv, line)
+        if reply(conv, line, **gen):
+            print("[stopped]")
+        print(f"[{conv.stats()}]")
+    except ChatError as e:
+        print(f"[error] {e}")
+    except KeyboardInterrupt:
+        print("\n[interrupted]")
+    return True
+
+
+def _history(readline):
+    if not HISTORY:
+        return
+    try:
+        Path(HISTORY).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        readline.read_history_file(str(Path(HISTORY).expanduser()))
+    except OSError:  # none yet, or not writable: history for this run only
+        pass
+    readline.set_history_length(1000)
+    atexit.register(lambda: _save_history(readline))
+
+
+def _save_history(readline):
+    try:
+        readline.write_history_file(str(Path(HISTORY).expanduser()))
+    except OSError:
+        pass
+
+
 def repl(conv: Conversation, gen: dict):
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        import readline  # line editing and history for input()
+
+        _history(readline)
     except ImportError:
         pass
     print(f"[clsa-mlx chat: context limit {conv.limit} tokens; /help for commands, Ctrl-D to quit]")
     while True:
         try:
-            line = input(">> ")
+            line = read_question(input(">> "))
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        if not line.strip():
-            continue
-        try:
-            if line.startswith("/"):
-                if not command(conv, line):
-                    return
-                continue
-            if reply(conv, line, **gen):
-                print("[stopped]")
-            print(f"[{conv.stats()}]")
-        except ChatError as e:
-            print(f"[error] {e}")
-        except KeyboardInterrupt:
-            print("\n[interrupted]")
+        if line.strip() and not turn(conv, line.strip() if line.startswith("/") else line, gen):
+            return
+
+
+def script(conv: Conversation, text: str, gen: dict):
+    """Piped input that starts with a /command: each line is run as if typed at the prompt."""
+    lines = iter(text.splitlines())
+    for line in lines:
+        line = read_question(line, lambda _: next(lines, '"""'))
+        if line.strip():
+            print(f">> {line}")
+            if not turn(conv, line, gen):
+                return
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -131,7 +209,8 @@ def repl(conv: Conversation, gen: dict):
 @click.option("--system", help="System prompt.")
 @click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Document to put into the context before the first question (repeatable).")
-@click.option("--prompt", help="Ask one question, print only the answer, exit. Without it, piped stdin is the question.")
+@click.option("--prompt", help="Ask one question, print only the answer, exit. Without it, piped stdin is the "
+              "question, or, when it starts with a /command, lines run as if typed.")
 @click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
@@ -151,7 +230,8 @@ def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_toke
     group = mx.distributed.init()
     if group.rank() > 0:
         sys.stdout = sys.stderr = open(os.devnull, "w")
-    if prompt is None and not sys.stdin.isatty() and group.size() == 1:  # mlx.launch always pipes stdin
+    piped = prompt is None and not sys.stdin.isatty() and group.size() == 1  # mlx.launch always pipes stdin
+    if piped:
         try:
             prompt = sys.stdin.buffer.read().decode("utf-8")
         except UnicodeDecodeError:
@@ -166,6 +246,8 @@ def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_toke
     except (ChatError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     gen = dict(max_tokens=max_tokens, sampler=make_sampler(temp, top_p, min_p, top_k=top_k))
+    if prompt is not None and piped and prompt.lstrip().startswith("/"):
+        return script(conv, prompt, gen)
     if prompt is not None:
         if not prompt.strip():
             sys.exit("error: empty prompt")

@@ -1,9 +1,12 @@
 """A conversation that keeps its prompt cache across turns: a new turn prefills only its new
 tokens, documents are prefilled as soon as they are added, sessions save and resume."""
 
+import copy
 import hashlib
 import json
 import os
+import re
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -49,14 +52,29 @@ def context_limit(model, requested: Optional[int] = None) -> int:
     return int(min(limits))
 
 
-def read_document(path: str) -> str:
-    p = Path(path).expanduser()
-    if not p.is_file():
+def document_path(arg: str) -> Path:
+    """A path as typed or dropped into a terminal: quotes and backslash-escaped spaces undone."""
+    try:
+        parts = shlex.split(arg)
+    except ValueError:  # an unbalanced quote: take the text as it is
+        parts = [arg]
+    return Path(parts[0] if len(parts) == 1 else arg).expanduser()
+
+
+def read_document(path: Path) -> str:
+    if path.is_dir():
+        raise ChatError(f"{path}: is a folder; /file takes one file")
+    if not path.is_file():
         raise ChatError(f"{path}: no such file")
     try:
-        return p.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ChatError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ChatError(f"{path}: cannot read ({e.strerror})") from None
+    if not text.strip():
+        raise ChatError(f"{path}: empty; nothing added")
+    return text
 
 
 class Conversation:
@@ -67,12 +85,12 @@ class Conversation:
         self.group = group if group is not None and group.size() > 1 else None  # a model sharded over ranks
         self.prefill_step = prefill_step
         self.limit, self.drop_oldest = context_limit(model, max_context), drop_oldest
-        self.last = None
         self.reset(system)
 
     def reset(self, system: Optional[str] = None):
         self.system = system if system is not None else getattr(self, "system", None)
         self.messages, self.documents = [], []
+        self.last, self.dropped = None, 0
         self._clear_cache()
 
     def _clear_cache(self):
@@ -102,55 +120,92 @@ class Conversation:
         return self.tokenizer.encode(text[len(self.text_in_cache):], add_special_tokens=False)
 
     def _fit(self, render, reserve: int):
-        """-> (text, new tokens) for `render()` of the conversation, dropping the oldest turns
-        on overflow when allowed (the cache is then rebuilt), else refusing."""
+        """-> (text, new tokens) for `render()` of the conversation. On overflow, with
+        --drop-oldest, the fewest oldest turns that make it fit are dropped (`self.dropped`
+        says how many; the cache is then rebuilt); otherwise, or if even the input alone does
+        not fit, it is refused and nothing changes."""
+        self.dropped = 0
         text = render()
         ids = self._new_tokens(text)
-        while self.used + len(ids) + reserve > self.limit:
-            if not (self.drop_oldest and len(self.messages) >= 2):
-                raise ChatError(f"context overflow: {self.used + len(ids)} tokens + {reserve} for the reply "
-                                f"> limit {self.limit}; /reset, or start with --drop-oldest")
-            self.messages = self.messages[2:]
-            self._clear_cache()
-            text = render()
-            ids = self._new_tokens(text)
-        return text, ids
+        if self.used + len(ids) + reserve <= self.limit:
+            return text, ids
+        messages, cache = self.messages, (self.cache, self.text_in_cache, self.ids)
+        for turns in range(1, len(messages) // 2 + 1) if self.drop_oldest else ():
+            self.messages = messages[2 * turns:]
+            n = len(self.tokenizer.encode(render(), add_special_tokens=False))
+            if n + reserve <= self.limit:
+                self._clear_cache()
+                self.dropped = turns
+                text = render()
+                return text, self._new_tokens(text)
+        self.messages = messages
+        self.cache, self.text_in_cache, self.ids = cache
+        alone, hint = self._input_alone(render), "/reset, or start with --drop-oldest"
+        if alone + reserve > self.limit:
+            hint = f"this input alone is {alone} tokens; a larger --max-context or a shorter input"
+        elif self.drop_oldest:
+            hint = "/reset"
+        raise ChatError(f"context overflow: {self.used + len(ids)} tokens + {reserve} for the reply "
+                        f"> limit {self.limit}; {hint}")
+
+    def _input_alone(self, render) -> int:
+        messages, self.messages = self.messages, []
+        try:
+            return len(self.tokenizer.encode(render(), add_special_tokens=False))
+        finally:
+            self.messages = messages
 
     def _prefill(self, ids: list, progress=None):
         self.model.reserve(self.cache, len(ids))
         prefill(self.model, ids, self.cache, self.prefill_step, progress)
 
     def add_document(self, path: str, progress=None):
+        path = document_path(path)
         text = read_document(path)
-        self.documents.append(f"File {Path(path).name}:\n{text}")
+        self.documents.append(f"File {path.name}:\n{text}")
 
         def prefix():  # the conversation up to the end of the documents
             full = self._render("\n\n".join(self.documents) + SENTINEL)
             return full[:full.index(SENTINEL)]
 
-        before = self.used
+        mark = self._mark()
         try:
             prefix, ids = self._fit(prefix, reserve=0)
             self._prefill(ids, progress)
         except BaseException:  # refused, or stopped inside the prefill: the document is not added
             self.documents.pop()
-            self._give_back(before)
+            self._give_back(mark)
             raise
         self.text_in_cache, self.ids = prefix, self.ids + ids
         return len(ids)
 
-    def _give_back(self, before: int):
-        """Drop what an interrupted prefill wrote past `before` tokens (or, where the window
-        caches cannot rewind that far, the whole cache: the next turn rebuilds it)."""
-        if self.used > before and not trim_prompt_cache(self.cache, self.used - before):
-            self._clear_cache()
+    def _mark(self):
+        """What an interrupted command must put back: the conversation, the cache list, the
+        length of its global caches and a copy of its window / retention caches (a window's
+        rows at most per layer, so the copy is cheap)."""
+        n = len(self.model.self_decoder.layers)
+        return dict(cache=self.cache, used=self.used, windows=[copy.deepcopy(c) for c in self.cache[:n]],
+                    messages=self.messages, text=self.text_in_cache, ids=self.ids)
+
+    def _give_back(self, mark):
+        """The conversation and its cache exactly as at `_mark()`: the global K/V and index
+        caches trimmed, the window caches restored (or, where the overflow rule rebuilt the
+        cache, the untouched old one taken back)."""
+        if self.cache is not mark["cache"]:
+            self.cache = mark["cache"]
+        elif self.used > mark["used"]:
+            windows, extra = mark["windows"], self.used - mark["used"]
+            for c in self.cache[len(windows):]:
+                c.trim(extra)
+            self.cache[: len(windows)] = windows
+        self.messages, self.text_in_cache, self.ids = mark["messages"], mark["text"], mark["ids"]
 
     def ask(self, question: str, max_tokens: int = 512, progress=None, stop=None, **sampling):
         """Streams the reply's text pieces; `stop()` returning True ends it after the current token."""
-        full, ids = self._fit(lambda: self._render(self._content(question)), reserve=min(max_tokens, 256))
-        before = self.used
+        mark = self._mark()
         generated = []
         try:
+            full, ids = self._fit(lambda: self._render(self._content(question)), reserve=min(max_tokens, 256))
             for r in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
                                      prompt_cache=self.cache, prompt_progress_callback=progress,
                                      prefill_step_size=self.prefill_step, group=self.group, **sampling):
@@ -160,8 +215,8 @@ class Conversation:
                     yield r.text
                 if stop and stop():
                     break
-        except BaseException:  # stopped inside the prefill: give back what the cache took of this turn
-            self._give_back(before)
+        except BaseException:  # refused, or stopped inside the prefill: as if the question was never asked
+            self._give_back(mark)
             raise
         eos = self.tokenizer.eos_token_ids
         reply = [t for t in generated if t not in eos]
@@ -170,6 +225,11 @@ class Conversation:
         self.documents = []
         self.text_in_cache = full + self.tokenizer.decode(generated)
         self.ids += ids + generated
+
+    def document_names(self) -> list:
+        """Names of the documents in the conversation: in earlier turns, then still pending."""
+        texts = [m["content"] for m in self.messages if m["role"] == "user"] + self.documents
+        return [name for t in texts for name in re.findall(r"(?:^|\n\n)File ([^\n]+):\n", t)]
 
     def stats(self) -> str:
         kv = sum(c.nbytes for c in self.cache) / 1e6

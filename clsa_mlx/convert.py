@@ -17,11 +17,14 @@ temporary folder next to the destination, renamed into place at the end.
 
 import os
 import shutil
+import signal
 import sys
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
+import click
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import save_config, save_model
@@ -245,3 +248,61 @@ def _write_card(folder: Path, hub_id: Optional[str]):
         lines.append(f"base_model: {hub_id}")
     lines += ["---", "", "Converted with clsa-mlx `convert.py`. Load with `clsa_mlx.load(path)`.", ""]
     (folder / "README.md").write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------
+# the command line: clsa-convert, python -m clsa_mlx.convert, python convert.py
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--torch-path", "--hf-path", "--model", "torch_path", required=True,
+              help="Checkpoint folder (official checkpoint.pth + params.json, or Hugging Face-style "
+                   "*.safetensors / pytorch_model*.bin + config.json), a checkpoint file, or a hub id.")
+@click.option("--mlx-path", default="mlx_model", show_default=True, help="Output folder (must not exist).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="dtype of the saved (non-quantized) weights. Default: config.json's torch_dtype, else the checkpoint's.")
+@click.option("-q", "--quantize", is_flag=True, help="Quantize (mlx-lm format).")
+@click.option("--q-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
+              help="Bits per weight [default: 4].")
+@click.option("--q-group-size", type=click.Choice(["16", "32", "64", "128"]), default=None,
+              help="Quantization group size [default: 64].")
+@click.option("--q-mode", type=click.Choice(["affine", "mxfp4", "nvfp4", "mxfp8"]), default="affine",
+              show_default=True, help="Quantization mode (as mlx-lm's).")
+@click.option("--quantize-indexer", is_flag=True,
+              help="Also quantize the CLSA indexer projections (kept in --dtype by default).")
+@click.option("--tokenizer", default=None,
+              help="Folder, file or hub id to take the tokenizer files from (default: the checkpoint folder).")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of a hub id.")
+@click.option("--upload-repo", default=None, help="Hugging Face repo to upload the converted folder to.")
+@click.option("--allow-non-finite", is_flag=True, help="Convert weights that hold NaN or Inf (refused by default).")
+@click.option("-v", "--verbose", is_flag=True, help="Show the full traceback on errors.")
+def main(torch_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, quantize_indexer, tokenizer,
+         revision, upload_repo, allow_non_finite, verbose):
+    """Convert a PyTorch YOCO / CLSA checkpoint to an MLX folder for clsa_mlx and mlx-lm."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up as Ctrl-C does
+
+    try:
+        convert(
+            torch_path, mlx_path, dtype=dtype, quantize=quantize,
+            q_bits=int(q_bits) if q_bits else None, q_group_size=int(q_group_size) if q_group_size else None,
+            q_mode=q_mode,
+            tokenizer=tokenizer, upload_repo=upload_repo, revision=revision,
+            quantize_indexer=quantize_indexer, allow_non_finite=allow_non_finite,
+        )
+    except ConvertError as e:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except Exception as e:  # an unforeseen failure: still one line unless --verbose
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"error: {type(e).__name__}: {e} (run with --verbose for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -257,7 +258,125 @@ def test_ctrl_c_inside_a_document_prefill_leaves_the_conversation_as_it_was(fold
 
     with pytest.raises(KeyboardInterrupt):
         conv.add_document(str(doc), progress=ctrl_c)
-    assert conv.documents == [] and (conv.used, list(conv.messages)) <= before[:2]
+    assert conv.documents == [] and (conv.used, list(conv.messages), conv.text_in_cache) == before
     # the next question is asked as if the interrupted document had never been added
     assert "".join(conv.ask("What does it say?", max_tokens=8)) == "".join(alone.ask("What does it say?", max_tokens=8))
     assert conv.used == len(conv.ids) and "notes.txt" not in conv.text_in_cache  # the cache holds no stale rows
+
+
+def test_ctrl_c_inside_a_question_prefill_puts_the_cache_back(folder):
+    conv, alone = conversation(folder, prefill_step=64), conversation(folder, prefill_step=64)
+    for c in (conv, alone):
+        list(c.ask("hello", max_tokens=4))
+    before = (conv.used, list(conv.messages), conv.text_in_cache, list(conv.ids))
+
+    def ctrl_c(done, total):
+        if done >= 512:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        list(conv.ask("tell me about it " * 100, progress=ctrl_c))
+    assert (conv.used, list(conv.messages), conv.text_in_cache, list(conv.ids)) == before  # no rebuild needed
+    assert "".join(conv.ask("and now?", max_tokens=8)) == "".join(alone.ask("and now?", max_tokens=8))
+
+
+def test_ctrl_c_in_a_typed_question_prefill_stops_at_once_and_keeps_the_session(folder):
+    c = spawn(folder, "--prefill-step-size", "16")
+    c.searchwindowsize = 4000  # the echo of the long question need not be searched again and again
+    ask(c, "hello")
+    c.sendline("/stats")
+    c.expect(r"context (\d+)/")
+    used = c.match.group(1)
+    c.expect(">> ")
+    c.sendline('"""')  # a question of many lines, each under the terminal's line limit
+    for i in range(8):
+        c.sendline(f"line {i}: " + "the routing picks the top keys once per token " * 30)
+    c.sendline('"""')
+    c.expect(r"\[prefill\] [\d,]+/[\d,]+ tokens")
+    time.sleep(0.5)
+    c.sendintr()
+    t0 = time.perf_counter()
+    c.expect(r"\[interrupted\]")
+    assert time.perf_counter() - t0 < 2.0  # one 16-token chunk, not the whole prefill
+    c.expect(">> ")
+    c.sendline("/stats")
+    c.expect(r"context (\d+)/")
+    assert c.match.group(1) == used
+    c.expect(">> ")
+    assert ask(c, "and now?") is not None
+    c.sendline("/quit")
+    c.expect(pexpect.EOF)
+
+
+def test_file_paths_as_typed_docs_and_stats_after_reset(folder, doc, tmp_path):
+    spaced = tmp_path / "my notes.txt"
+    spaced.write_text(doc.read_text())
+    (tmp_path / "empty.txt").write_text("  \n")
+    c = spawn(folder)
+    for typed, shown in [(str(tmp_path), "is a folder; /file takes one file"),
+                         (str(tmp_path / "empty.txt"), "empty; nothing added"),
+                         (f'"{spaced}"', "my notes.txt: "), (str(spaced).replace(" ", "\\ "), "my notes.txt: ")]:
+        c.sendline(f"/file {typed}")
+        c.expect_exact(shown)
+        c.expect(">> ")
+    c.sendline("/docs")
+    c.expect_exact("[my notes.txt, my notes.txt; context")
+    c.expect(">> ")
+    ask(c, "What is the value of key bada-ko?")
+    c.sendline("/reset")
+    c.expect_exact("[conversation cleared]")
+    c.expect(">> ")
+    c.sendline("/stats")
+    c.expect(r"\[(.*)\]\r?\n")
+    assert c.match.group(1).startswith("context 0/")  # not the last reply's figures
+    c.sendline("/docs")
+    c.expect_exact("[no documents]")
+    c.sendline("/quit")
+    c.expect(pexpect.EOF)
+
+
+def test_piped_input_starting_with_a_command_runs_line_by_line(folder, doc, tmp_path):
+    session = tmp_path / "piped"
+    r = run(folder, "--max-tokens", "6", stdin=f"/file {doc}\nWhat is the value of key bada-ko?\n/docs\n/save {session}\n")
+    assert r.returncode == 0, r.stderr
+    assert "tokens added" in r.stdout and "[notes.txt; context" in r.stdout and "[saved " in r.stdout
+    assert (tmp_path / "piped.safetensors").is_file()
+
+
+def test_drop_oldest_says_what_it_dropped_and_refusals_change_nothing(folder, tmp_path):
+    conv = conversation(folder)
+    conv.limit, conv.drop_oldest = 200, True
+    for i in range(3):
+        "".join(conv.ask(f"question number {i} " * 2, max_tokens=8))
+    before = (list(conv.messages), conv.used, conv.text_in_cache)
+    big = tmp_path / "big.txt"
+    big.write_text("far too long " * 40)
+    with pytest.raises(ChatError, match=r"this input alone is \d+ tokens; a larger --max-context"):
+        conv.add_document(str(big))
+    assert (list(conv.messages), conv.used, conv.text_in_cache) == before and conv.documents == []
+    "".join(conv.ask("question number 9 " * 4, max_tokens=8))
+    assert conv.dropped >= 1 and len(conv.messages) == len(before[0]) + 2 - 2 * conv.dropped
+    plain = conversation(folder)
+    plain.limit = 60
+    with pytest.raises(ChatError, match="/reset, or start with --drop-oldest"):
+        for i in range(4):
+            "".join(plain.ask(f"q{i} " * 3, max_tokens=4))
+
+
+def test_typed_lines_are_kept_across_runs(folder, tmp_path):
+    env = {**os.environ, "CLSA_MLX_HISTORY": str(tmp_path / "history")}
+    c = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--model", str(folder), "--max-tokens", "4"],
+                      encoding="utf-8", timeout=90, cwd=str(ROOT), env=env)
+    c.expect(">> ")
+    c.sendline("/stats")
+    c.expect(">> ")
+    c.sendline("/quit")
+    c.expect(pexpect.EOF)
+    assert "/stats" in (tmp_path / "history").read_text()
+    c = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--model", str(folder), "--max-tokens", "4"],
+                      encoding="utf-8", timeout=90, cwd=str(ROOT), env=env)
+    c.expect(">> ")
+    c.send("\x1b[A\x1b[A\r")  # Up twice: the earlier run's /stats (its last line was /quit), then Enter
+    c.expect(r"context \d+/")
+    c.sendline("/quit")
+    c.expect(pexpect.EOF)

@@ -1,0 +1,27 @@
+"""The README's examples run as written, and the installed commands exist."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_python_api_example_runs_as_written(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    r = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "48213" in r.stdout  # the shipped model answers the lookup in the example
+
+
+@pytest.mark.parametrize("command,module", [("clsa-chat", "clsa_mlx.chat"), ("clsa-convert", "clsa_mlx.convert")])
+def test_console_scripts_and_modules(command, module):
+    exe = shutil.which(command) or str(Path(sys.executable).with_name(command))
+    for cmd in ([exe, "--help"], [sys.executable, "-m", module, "--help"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and re.search(r"^Usage: ", r.stdout, re.M), (cmd, r.stderr[-500:])
