@@ -1,6 +1,7 @@
 """Find and load model folders (config.json + model*.safetensors + tokenizer), local or on the hub."""
 
 import json
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -18,6 +19,17 @@ from .model import Model
 MODEL_TYPES = ("clsa", "yoco")
 SHIPPED = Path(__file__).parent / "shipped"
 MODEL_FILE = "clsa_mlx_model.py"  # mlx-lm's `model_file` in the folders we write
+
+
+class _OwnModelTypes(logging.Filter):
+    """transformers warns, whenever mlx-lm reads our config for a tokenizer, that `clsa` / `yoco`
+    is none of its model types; that is expected, so the warning is dropped (only that one)."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith(tuple(f"You are using a model of type `{t}`" for t in MODEL_TYPES))
+
+
+logging.getLogger("transformers.configuration_utils").addFilter(_OwnModelTypes())
 
 
 def shipped_model() -> Path:

@@ -17,6 +17,7 @@ def mlx_lm(*args):
     r = subprocess.run([sys.executable, "-m", "mlx_lm", *map(str, args), "--trust-remote-code"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "You are using a model of type" not in r.stdout + r.stderr  # transformers' warning about our types
     return r.stdout
 
 
