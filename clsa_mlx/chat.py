@@ -13,6 +13,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .conversation import PREFILL_STEP, ChatError, Conversation, model_identity
 from .loading import load, resolve, shipped_model
+from .prefix_cache import FOLDER, PrefixCache
 
 HELP = """commands:
   /file PATH     add a document (prefilled now; ask about it in the next question)
@@ -115,7 +116,8 @@ def command(conv: Conversation, line: str) -> bool:
         n = conv.add_document(arg, progress=Progress())
         if conv.dropped:
             print(f"[dropped the {conv.dropped} oldest turn(s) to fit the context]")
-        print(f"[{conv.document_names()[-1]}: {n} tokens added; context {conv.used}/{conv.limit}]")
+        how = "from the document cache" if conv.reused else "added"
+        print(f"[{conv.document_names()[-1]}: {n} tokens {how}; context {conv.used}/{conv.limit}]")
     elif name == "/save":
         print(f"[saved {conv.save(arg)}: {conv.used} tokens]")
     elif name == "/load":
@@ -221,8 +223,11 @@ def script(conv: Conversation, text: str, gen: dict):
 @click.option("--drop-oldest", is_flag=True, help="On overflow, drop the oldest turns instead of refusing.")
 @click.option("--prefill-step-size", type=click.IntRange(min=16), default=PREFILL_STEP, show_default=True,
               help="Prompt tokens per prefill step; smaller steps hold less scratch memory on long documents.")
+@click.option("--document-cache-gb", type=click.FloatRange(min=0), default=8.0, show_default=True,
+              help=f"Disk kept for prefilled documents in {FOLDER} (CLSA_MLX_DOCUMENT_CACHE names another "
+                   "folder); a document prefilled once starts the next conversation at once. 0: memory only.")
 def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_tokens, max_context, drop_oldest,
-         prefill_step_size):
+         prefill_step_size, document_cache_gb):
     """Chat with a CLSA / YOCO model about long documents. Under `mlx.launch` the model is
     sharded over the ranks; every rank reads the same input and rank 0 prints."""
     if seed is not None:
@@ -239,8 +244,10 @@ def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_toke
     try:
         path = resolve(model) if model else shipped_model()
         m, tokenizer = load(path, group=group)
-        conv = Conversation(m, tokenizer, model_identity(path), system, max_context, drop_oldest, prefill_step_size,
-                            group)
+        model_id = model_identity(path)
+        documents = PrefixCache(model_id, FOLDER if document_cache_gb > 0 else None, document_cache_gb)
+        conv = Conversation(m, tokenizer, model_id, system, max_context, drop_oldest, prefill_step_size, group,
+                            documents)
         for f in files:
             conv.add_document(f, progress=Progress())
     except (ChatError, FileNotFoundError, ValueError) as e:

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import (ArraysCache, RotatingKVCache, load_prompt_cache, save_prompt_cache,
-                                  trim_prompt_cache)
+from mlx_lm.models.cache import ArraysCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
 
 from .generate import context_used, prefill, stream_generate
 from .loading import OneLineError, one_line
+from .prefix_cache import PrefixCache
 
 PREFILL_STEP = 2048
 SENTINEL = "\x00QUESTION\x00"
@@ -80,9 +80,10 @@ def read_document(path: Path) -> str:
 class Conversation:
     def __init__(self, model, tokenizer, model_id: str, system: Optional[str] = None,
                  max_context: Optional[int] = None, drop_oldest: bool = False, prefill_step: int = PREFILL_STEP,
-                 group=None):
+                 group=None, documents: Optional[PrefixCache] = None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.group = group if group is not None and group.size() > 1 else None  # a model sharded over ranks
+        self.prefixes = documents if self.group is None else None  # each rank holds only its heads
         self.prefill_step = prefill_step
         self.limit, self.drop_oldest = context_limit(model, max_context), drop_oldest
         self.reset(system)
@@ -90,7 +91,7 @@ class Conversation:
     def reset(self, system: Optional[str] = None):
         self.system = system if system is not None else getattr(self, "system", None)
         self.messages, self.documents = [], []
-        self.last, self.dropped = None, 0
+        self.last, self.dropped, self.reused = None, 0, False
         self._clear_cache()
 
     def _clear_cache(self):
@@ -171,12 +172,19 @@ class Conversation:
         mark = self._mark()
         try:
             prefix, ids = self._fit(prefix, reserve=0)
-            self._prefill(ids, progress)
+            hit = self.prefixes.get(prefix, self._check_cache) if self.prefixes else None
+            if hit:  # prefilled before, by this or an earlier conversation
+                self.cache, self.ids = hit
+            else:
+                self._prefill(ids, progress)
+                self.ids = self.ids + ids
         except BaseException:  # refused, or stopped inside the prefill: the document is not added
             self.documents.pop()
             self._give_back(mark)
             raise
-        self.text_in_cache, self.ids = prefix, self.ids + ids
+        self.text_in_cache, self.reused = prefix, bool(hit)
+        if self.prefixes and not hit:
+            self.prefixes.put(prefix, self.cache, self.ids)
         return len(ids)
 
     def _mark(self):
@@ -306,7 +314,9 @@ class Conversation:
             rows = c.keys.shape[2]
             if (c.keys.shape[:2] != (1, heads) or c.keys.shape[3] != kd or c.values.shape != (1, heads, rows, vd)
                     or not 0 <= c.offset or (not isinstance(c, RotatingKVCache) and c.offset > rows)
-                    or (isinstance(c, RotatingKVCache) and not (0 <= c._idx <= rows <= c.max_size and c.keep == 0))):
+                    or (isinstance(c, RotatingKVCache) and not (
+                        # after a prompt chunk mlx-lm keeps the window plus the chunk (rows == _idx)
+                        0 <= c._idx <= rows <= c.offset and (rows <= c.max_size or c._idx == rows) and c.keep == 0))):
                 raise ValueError(f"cache {i}: keys {tuple(c.keys.shape)}, values {tuple(c.values.shape)}, "
                                  f"offset {c.offset} do not fit the model")
         if context_used(self.model, cache) != n_ids:

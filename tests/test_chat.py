@@ -380,3 +380,36 @@ def test_typed_lines_are_kept_across_runs(folder, tmp_path):
     c.expect(r"context \d+/")
     c.sendline("/quit")
     c.expect(pexpect.EOF)
+
+
+def test_a_second_chat_about_the_same_file_starts_from_the_document_cache(tmp_path):
+    doc = tmp_path / "long.txt"
+    doc.write_text("The value of key bada-ko is 12345. " * 100)
+    folder = make_tiny_folder(tmp_path / "m", index_topk=8, sliding_window=8)
+    env = {**os.environ, "CLSA_MLX_DOCUMENT_CACHE": str(tmp_path / "cache")}
+    shown = []
+    for _ in range(2):
+        c = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--model", str(folder), "--max-tokens", "6"],
+                          encoding="utf-8", codec_errors="replace", timeout=90, cwd=str(ROOT), env=env)
+        c.expect(">> ")
+        c.sendline(f"/file {doc}")
+        c.expect(r"\[long.txt: (\d+) tokens ([a-z ]+); context")
+        shown.append((c.match.group(1), c.match.group(2)))
+        c.expect(">> ")
+        shown.append(ask(c, "What is the value of key bada-ko?"))
+        c.sendline("/quit")
+        c.expect(pexpect.EOF)
+    assert shown[0][1] == "added" and shown[2] == (shown[0][0], "from the document cache")
+    assert shown[1] == shown[3]  # the same answer as after the prefill
+
+
+def test_a_session_saved_right_after_a_file_loads(folder, tmp_path):
+    # after a prompt chunk mlx-lm's window cache holds the window plus the chunk; /load refused that
+    doc = tmp_path / "d.txt"
+    doc.write_text("The value of key bada-ko is 12345. " * 30)
+    conv = conversation(folder, prefill_step=256)
+    conv.add_document(str(doc))
+    saved = conv.save(str(tmp_path / "s"))
+    other = conversation(folder, prefill_step=256)
+    other.load(saved)
+    assert other.used == conv.used and "".join(other.ask("key?", max_tokens=6)) == "".join(conv.ask("key?", max_tokens=6))
