@@ -206,17 +206,23 @@ def test_load_refuses_another_model_and_keeps_the_session(folder, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if "partial" in p]
 
 
-def test_shipped_model_answers_from_a_file(tmp_path):
-    """`python chat.py` with no --model: the shipped model reads a /file and answers from it."""
-    filler = "Each function accepts a path object or a string and raises an error when it is missing. " * 8
-    doc = tmp_path / "notes.txt"
-    doc.write_text(f"{filler}The value of key kavo-tiba is 48213. {filler}The value of key zeta-lumo is 11846. {filler}")
+def shipped_chat_about(doc):
+    """`python chat.py` with no --model (the shipped model), after `/file doc`."""
     c = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--max-tokens", "10"],
                       encoding="utf-8", codec_errors="replace", timeout=120, cwd=str(ROOT))
     c.expect(">> ")
     c.sendline(f"/file {doc}")
     c.expect(r"tokens added")
     c.expect(">> ")
+    return c
+
+
+def test_shipped_model_answers_from_a_file(tmp_path):
+    """`python chat.py` with no --model: the shipped model reads a /file and answers from it."""
+    filler = "Each function accepts a path object or a string and raises an error when it is missing. " * 8
+    doc = tmp_path / "notes.txt"
+    doc.write_text(f"{filler}The value of key kavo-tiba is 48213. {filler}The value of key zeta-lumo is 11846. {filler}")
+    c = shipped_chat_about(doc)
     c.sendline("What is the value of key zeta-lumo?")
     c.expect(STATS)
     assert "11846" in c.before
@@ -228,23 +234,18 @@ def test_shipped_model_answers_from_a_file(tmp_path):
     c.expect(pexpect.EOF)
 
 
-
 def test_follow_up_questions_about_a_file_are_answered_from_it(tmp_path):
     """A follow-up is asked as the model was trained to read one (`Question: ...`); asked bare,
     the shipped model answered `9` / `3:` and invented a next question."""
     code = (ROOT / "clsa_mlx" / "chat.py").read_text()[:3000]  # real text around the needle
     doc = tmp_path / "notes.txt"
     doc.write_text(f"{code}\nThe pass key is 70531. Remember it. 70531 is the pass key.\n{code}")
-    c = pexpect.spawn(sys.executable, [str(ROOT / "chat.py"), "--max-tokens", "10"],
-                      encoding="utf-8", codec_errors="replace", timeout=120, cwd=str(ROOT))
-    c.expect(">> ")
-    c.sendline(f"/file {doc}")
-    c.expect(r"tokens added")
-    c.expect(">> ")
+    c = shipped_chat_about(doc)
     ask(c, "Who wrote it?")
     assert ask(c, "What is the pass key?").strip() == "70531"
     c.sendline("/quit")
     c.expect(pexpect.EOF)
+
 
 def test_ctrl_c_inside_a_document_prefill_leaves_the_conversation_as_it_was(folder, doc):
     conv, alone = conversation(folder, prefill_step=64), conversation(folder, prefill_step=64)

@@ -19,30 +19,14 @@ typedef ushort uint16_t;
 typedef half float16_t;
 typedef half bfloat16_t;
 
-// atomic_uint, memory_order and INFINITY are OpenCL's own.
+#include "metal_builtins.h"
+// atomic_uint, memory_order and INFINITY are OpenCL's own; atomics only on threadgroup or device memory.
 namespace metal {
-enum class mem_flags { mem_none, mem_device, mem_threadgroup, mem_texture };
-void threadgroup_barrier(mem_flags);
-float simd_sum(float);
-int simd_sum(int);
-uint simd_sum(uint);
-uint simd_prefix_exclusive_sum(uint);
-int simd_prefix_exclusive_sum(int);
-float simd_prefix_exclusive_sum(float);
-template <typename To, typename From>
-To as_type(From);
 uint atomic_fetch_add_explicit(threadgroup atomic_uint*, uint, memory_order);
 uint atomic_fetch_add_explicit(device atomic_uint*, uint, memory_order);
 void atomic_store_explicit(threadgroup atomic_uint*, uint, memory_order);
 void atomic_store_explicit(device atomic_uint*, uint, memory_order);
 uint atomic_load_explicit(threadgroup atomic_uint*, memory_order);
 uint atomic_load_explicit(device atomic_uint*, memory_order);
-float exp(float);
-float max(float, float);
-int max(int, int);
-uint max(uint, uint);
-float min(float, float);
-int min(int, int);
-uint min(uint, uint);
 } // namespace metal
 using namespace metal;

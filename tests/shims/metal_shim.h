@@ -32,17 +32,8 @@ struct bfloat16_t {
   operator float() const;
 };
 
+#include "metal_builtins.h"
 namespace metal {
-enum class mem_flags { mem_none, mem_device, mem_threadgroup, mem_texture };
-void threadgroup_barrier(mem_flags);
-float simd_sum(float);
-int simd_sum(int);
-uint simd_sum(uint);
-uint simd_prefix_exclusive_sum(uint);
-int simd_prefix_exclusive_sum(int);
-float simd_prefix_exclusive_sum(float);
-template <typename To, typename From>
-To as_type(From);
 struct atomic_uint {
   uint v;
 };
@@ -50,12 +41,5 @@ enum memory_order { memory_order_relaxed };
 uint atomic_fetch_add_explicit(atomic_uint*, uint, memory_order);
 void atomic_store_explicit(atomic_uint*, uint, memory_order);
 uint atomic_load_explicit(atomic_uint*, memory_order);
-float exp(float);
-float max(float, float);
-int max(int, int);
-uint max(uint, uint);
-float min(float, float);
-int min(int, int);
-uint min(uint, uint);
 } // namespace metal
 using namespace metal;
