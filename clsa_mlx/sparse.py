@@ -6,6 +6,7 @@ fewer than k visible positions. Row l of batch row b sees positions start[b] <= 
 first valid one (mlx-lm's left padding of a batch cache).
 """
 
+import functools
 import logging
 import threading
 
@@ -73,8 +74,8 @@ def sparse_attention_ref(q, keys, values, idx, scale: float) -> mx.array:
 # Dispatch: the GPU kernels of `kernels.py` (Metal, or CUDA through MLX's CUDA backend)
 # when one is available and the instantiation passed its self-test, else the references
 # above. CLSA_MLX_REFERENCE=1 forces the references. Routing is a selection: no gradient
-# flows through it (LoRA below the indexer trains). The attention kernel has no VJP: on a
-# GPU, training must force the references.
+# flows through it (LoRA below the indexer trains). The attention kernel's gradients go
+# through its reference.
 
 
 def route(q_idx, k_idx, k: int, offset: int, start=None) -> mx.array:
@@ -102,7 +103,25 @@ def sparse_attention(q, keys, values, idx, scale: float) -> mx.array:
         or not _trusted("sparse_attention", be, dt=q.dtype, HD=q.shape[-1], G=q.shape[1] // keys.shape[1])
     ):
         return sparse_attention_ref(q, keys, values, idx, scale)
-    return kernels.sparse_attention(q, keys, values, idx, scale, be)
+    return _attention_kernel(be, float(scale))(q, keys, values, idx)
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_kernel(be: str, scale: float):
+    """The kernel forward, its gradients through the reference (LoRA trains on a GPU)."""
+
+    @mx.custom_function
+    def attention(q, keys, values, idx):
+        return kernels.sparse_attention(q, keys, values, idx, scale, be)
+
+    @attention.vjp
+    def attention_vjp(primals, cotangent, _):
+        q, keys, values, idx = primals
+        ref = lambda q, k, v: sparse_attention_ref(q, k, v, idx, scale)  # noqa: E731
+        _, grads = mx.vjp(ref, [q, keys, values], [cotangent])
+        return (*grads, mx.zeros_like(idx))
+
+    return attention
 
 
 # Self-test: a kernel that fails to build on this machine (a Metal compiler we never ran),

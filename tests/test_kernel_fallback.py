@@ -135,3 +135,21 @@ def test_kernels_that_pass_stay_in_use(monkeypatch, caplog):
 def test_routing_refuses_k_below_one(route):
     with pytest.raises(ValueError, match="routing needs k >= 1, got 0"):
         route(mx.ones((1, 1, 4)), mx.ones((1, 5, 4)), 0, 4)
+
+
+def test_attention_kernel_gradients_go_through_the_reference(monkeypatch):
+    # the stand-in kernel passes no gradient itself: any gradient must come from the VJP
+    monkeypatch.setattr(kernels, "backend", lambda: "metal")
+    monkeypatch.setattr(kernels, "sparse_attention",
+                        lambda q, k, v, idx, scale, be: mx.stop_gradient(sparse.sparse_attention_ref(q, k, v, idx, scale)))
+    B, H, G, L, T, HD = 1, 2, 2, 5, 40, 16
+    q, k, v = (mx.random.normal(s, key=mx.random.key(i)) for i, s in
+               enumerate([(B, H * G, L, HD), (B, H, T, HD), (B, H, T, HD)]))
+    idx = sparse.route_ref(mx.random.normal((B, L, 8)), mx.random.normal((B, T, 8)), 8, T - L)
+    w = mx.random.normal((B, H * G, L, HD), key=mx.random.key(9))
+    loss = lambda f: lambda q, k, v: (f(q, k, v, idx, HD**-0.5) * w).sum()  # noqa: E731
+    got = mx.grad(loss(sparse.sparse_attention), argnums=(0, 1, 2))(q, k, v)
+    want = mx.grad(loss(sparse.sparse_attention_ref), argnums=(0, 1, 2))(q, k, v)
+    assert not sparse.fallbacks()
+    for a, b in zip(got, want):
+        assert float(mx.abs(b).max()) > 0 and mx.allclose(a, b, atol=1e-5)

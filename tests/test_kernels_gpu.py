@@ -78,3 +78,17 @@ def test_sparse_attention_kernel(dtype, tol, G):
             q.astype(mx.float32), keys.astype(mx.float32), values.astype(mx.float32), idx, hd**-0.5
         )
     assert float(mx.abs(got - ref).max()) <= tol * 4
+
+
+def test_sparse_attention_kernel_gradients_equal_the_references():
+    B, H, G, L, T, hd, k = 1, 2, 5, 7, 3000, 128, 256
+    q = mx.random.normal((B, H * G, L, hd))
+    keys, values = mx.random.normal((B, H, T, hd)), mx.random.normal((B, H, T, hd))
+    idx = sparse.route_ref(mx.random.normal((B, L, 16)), mx.random.normal((B, T, 16)), k, T - L)
+    w = mx.random.normal(q.shape)
+    loss = lambda f: lambda q, k, v: (f(q, k, v, idx, hd**-0.5) * w).sum()  # noqa: E731
+    got = mx.grad(loss(sparse.sparse_attention), argnums=(0, 1, 2))(q, keys, values)
+    with mx.stream(mx.cpu):  # fp32 on the CPU: MLX CUDA's SDPA may use TF32
+        want = mx.grad(loss(sparse.sparse_attention_ref), argnums=(0, 1, 2))(q, keys, values)
+    for a, b in zip(got, want):
+        assert float(mx.abs(a - b).max()) <= 2e-3 * max(1.0, float(mx.abs(b).max()))
