@@ -40,6 +40,8 @@ def prefill(model, tokens, cache, step: int = 2048, progress=None):
     """Run `tokens` into `cache`, `step` at a time. Unlike mlx-lm's loop it keeps MLX's buffer
     cache between chunks: every chunk needs the same scratch, and freeing it costs a re-allocation."""
     tokens = mx.array(tokens)
+    if progress:
+        progress(0, len(tokens))  # the start: a progress line (and its clock) from the first chunk on
     with mx.stream(generation_stream):
         for start in range(0, len(tokens), step):
             model(tokens[start:start + step][None], cache=cache)

@@ -167,7 +167,7 @@ def test_chunked_prefill_matches_mlx_lm_loop_and_reports_progress(loaded):
     assert [r.token for r in ours] == [r.token for r in theirs]
     assert ours[-1].prompt_tokens == len(prompt) and ours[-1].prompt_tps > 0
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1] == (len(prompt), len(prompt))
-    assert {t for _, t in seen} == {len(prompt)} and (8, len(prompt)) in seen
+    assert seen[0] == (0, len(prompt)) and {t for _, t in seen} == {len(prompt)} and (8, len(prompt)) in seen
 
 
 def test_shipped_folder_carries_the_current_model_file():
