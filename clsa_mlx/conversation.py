@@ -172,7 +172,9 @@ class Conversation:
         mark = self._mark()
         try:
             prefix, ids = self._fit(prefix, reserve=0)
-            hit = self.prefixes.get(prefix, self._check_cache) if self.prefixes else None
+            # kept only for a conversation's start: the case that repeats, and fewer writes to the disk
+            keep = self.prefixes if not self.messages else None
+            hit = keep.get(prefix, self._check_cache) if keep else None
             if hit:  # prefilled before, by this or an earlier conversation
                 self.cache, self.ids = hit
             else:
@@ -183,8 +185,8 @@ class Conversation:
             self._give_back(mark)
             raise
         self.text_in_cache, self.reused = prefix, bool(hit)
-        if self.prefixes and not hit:
-            self.prefixes.put(prefix, self.cache, self.ids)
+        if keep and not hit:
+            keep.put(prefix, self.cache, self.ids)
         return len(ids)
 
     def _mark(self):

@@ -79,3 +79,10 @@ def test_the_folder_stays_within_its_size(model, tmp_path):
         conv.add_document(str(d))
     files = list((tmp_path / "c").glob("*.safetensors"))
     assert 1 <= len(files) < 4 and sum(f.stat().st_size for f in files) <= 1.5e6
+
+
+def test_only_a_conversations_start_is_kept(model, doc, tmp_path):
+    conv = fresh(model, tmp_path / "c")
+    "".join(conv.ask("hello", max_tokens=4))
+    conv.add_document(str(doc))  # after a turn: the prefix holds the turn, which does not repeat
+    assert not conv.reused and not list((tmp_path / "c").glob("*.safetensors")) and not conv.prefixes.memory
