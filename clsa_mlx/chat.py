@@ -126,7 +126,7 @@ def command(conv: Conversation, line: str) -> bool:
         if conv.messages:
             q, a = conv.messages[-2]["content"].rsplit("Question: ", 1)[-1], conv.messages[-1]["content"]
             print(f"[last question: {_cut(q)!r} -> {_cut(a)!r}]")
-        if conv.documents or conv.document_names():
+        if conv.document_names():  # pending ones included
             print(f"[documents: {', '.join(conv.document_names())}]")
     else:
         raise ChatError(f"unknown command {name}; /help lists them")
@@ -245,9 +245,9 @@ def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_toke
         path = resolve(model) if model else shipped_model()
         m, tokenizer = load(path, group=group)
         model_id = model_identity(path)
-        documents = PrefixCache(model_id, FOLDER if document_cache_gb > 0 else None, document_cache_gb)
+        prefixes = PrefixCache(model_id, FOLDER if document_cache_gb > 0 else None, document_cache_gb)
         conv = Conversation(m, tokenizer, model_id, system, max_context, drop_oldest, prefill_step_size, group,
-                            documents)
+                            prefixes)
         for f in files:
             conv.add_document(f, progress=Progress())
     except (ChatError, FileNotFoundError, ValueError) as e:

@@ -80,10 +80,10 @@ def read_document(path: Path) -> str:
 class Conversation:
     def __init__(self, model, tokenizer, model_id: str, system: Optional[str] = None,
                  max_context: Optional[int] = None, drop_oldest: bool = False, prefill_step: int = PREFILL_STEP,
-                 group=None, documents: Optional[PrefixCache] = None):
+                 group=None, prefixes: Optional[PrefixCache] = None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.group = group if group is not None and group.size() > 1 else None  # a model sharded over ranks
-        self.prefixes = documents if self.group is None else None  # each rank holds only its heads
+        self.prefixes = prefixes if self.group is None else None  # each rank holds only its heads
         self.prefill_step = prefill_step
         self.limit, self.drop_oldest = context_limit(model, max_context), drop_oldest
         self.reset(system)

@@ -5,7 +5,6 @@ Run: python -m pytest tests/test_convert.py -q
 
 import collections
 import hashlib
-import io
 import json
 import os
 import pickle

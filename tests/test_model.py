@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from clsa_mlx import ModelArgs, Model
+from clsa_mlx import Model
 from clsa_mlx.retention import gated_retention
 from clsa_mlx.tiny import tiny_args
 

@@ -24,7 +24,7 @@ def doc(tmp_path):
 
 def fresh(model, folder, **kw):
     m, t = model
-    return Conversation(m, t, "tiny", prefill_step=512, documents=PrefixCache("tiny", folder, **kw))
+    return Conversation(m, t, "tiny", prefill_step=512, prefixes=PrefixCache("tiny", folder, **kw))
 
 
 def counted():
