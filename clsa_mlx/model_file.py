@@ -7,10 +7,13 @@ written before it existed."""
 try:
     from clsa_mlx.config import ModelArgs
     from clsa_mlx.model import Model
+    from clsa_mlx.server_prefix import install
 except ImportError as e:  # run by mlx-lm from a model folder, in an environment without us
     raise ImportError("this CLSA/YOCO model folder needs the clsa-mlx package (pip install clsa-mlx)") from e
 
 __all__ = ["Model", "ModelArgs"]
+
+install()  # under mlx-lm's server: keep a chat's document prefix in its prompt cache
 
 if __name__ == "__main__":
     import sys

@@ -47,12 +47,18 @@ def complete(port, prompt, stream=False):
     return post(port, dict(prompt=prompt, max_tokens=24, temperature=0.0, stream=stream))
 
 
-def chat(port, messages):
+def chat_usage(port, messages):
+    """-> (the reply, the prompt tokens the server took from its prompt cache)."""
     body = dict(messages=messages, max_tokens=20, temperature=0.0)
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())["choices"][0]["message"]["content"]
+        out = json.loads(r.read())
+    return out["choices"][0]["message"]["content"], out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def chat(port, messages):
+    return chat_usage(port, messages)[0]
 
 
 @contextmanager
@@ -85,8 +91,12 @@ def serve(folder, log_path, launcher=()):
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
-def server(request, tmp_path_factory):
-    folder = make_tiny_folder(tmp_path_factory.mktemp(request.param), seed=5, **ARCHS[request.param])
+def folder(request, tmp_path_factory):
+    return make_tiny_folder(tmp_path_factory.mktemp(request.param), seed=5, **ARCHS[request.param])
+
+
+@pytest.fixture(scope="module")
+def server(folder, tmp_path_factory):
     with serve(folder, tmp_path_factory.mktemp("log") / "server.log") as running:
         yield running
 
@@ -118,5 +128,25 @@ def test_concurrent_chats_and_follow_ups_get_their_sequential_answers(server):
     follow_alone = [chat(port, c) for c in follow]
     with ThreadPoolExecutor(len(follow)) as pool:
         assert list(pool.map(lambda c: chat(port, c), follow[::-1])) == follow_alone[::-1]
+    log.seek(0)
+    assert "generation thread died" not in log.read()
+
+
+DOCUMENT = "File notes.txt:\n" + "".join(f"Key {i} routes to slot {i * 37 % 101}. " for i in range(40))  # 60 windows
+
+
+def test_another_question_about_a_document_is_served_from_its_prefix(server, folder, tmp_path):
+    """The document is prefilled once: the second question starts from the cache kept at its end
+    (framed as `Question: ...` after it, or as a message after it) and gets the uncached reply."""
+    framings = [lambda q: [{"role": "user", "content": f"{DOCUMENT}\n\nQuestion: {q}"}],
+                lambda q: [{"role": "user", "content": DOCUMENT}, {"role": "user", "content": q}]]
+    with serve(folder, tmp_path / "cold.log") as (cold, _):
+        uncached = [chat_usage(cold, frame("Which slot has key 7?")) for frame in framings]
+    assert [n for _, n in uncached] == [0, 0]
+    port, log = server
+    for frame, (reply, _) in zip(framings, uncached):
+        chat(port, frame("What routes to slot 3?"))
+        again, cached = chat_usage(port, frame("Which slot has key 7?"))
+        assert cached >= len(DOCUMENT) and again == reply
     log.seek(0)
     assert "generation thread died" not in log.read()
