@@ -51,8 +51,11 @@ def install():
         prompt, segments, types, state, vision = tokenize(self, tokenizer, request, args)
         cut = _without_question(request) if "user" in types else None
         if cut is not None:
-            head = tokenize(self, tokenizer, cut, args)[0]
-            n = next((i for i, (a, b) in enumerate(zip(head, prompt)) if a != b), len(prompt))
+            try:
+                head = tokenize(self, tokenizer, cut, args)[0]
+            except Exception:  # a template that refuses the cut message: serve without the split
+                head = []
+            n = next((i for i, (a, b) in enumerate(zip(head, prompt)) if a != b), len(head))
             segments, types = _split(segments, types, n)
         return prompt, segments, types, state, vision
 

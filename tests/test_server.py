@@ -132,7 +132,7 @@ def test_concurrent_chats_and_follow_ups_get_their_sequential_answers(server):
     assert "generation thread died" not in log.read()
 
 
-DOCUMENT = "File notes.txt:\n" + "".join(f"Key {i} routes to slot {i * 37 % 101}. " for i in range(40))  # 60 windows
+DOCUMENT = "File notes.txt:\n" + "".join(f"Key {i} routes to slot {i * 37 % 101}. " for i in range(40))  # 65 windows
 
 
 def test_another_question_about_a_document_is_served_from_its_prefix(server, folder, tmp_path):
