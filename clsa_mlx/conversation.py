@@ -302,7 +302,8 @@ class Conversation:
         if len(cache) != len(fresh):
             raise ValueError(f"{len(cache)} caches, the model has {len(fresh)}")
         for i, (c, f, (heads, kd, vd)) in enumerate(zip(cache, fresh, self.model.cache_shapes())):
-            if type(c) is not type(f) or getattr(c, "max_size", None) != getattr(f, "max_size", None):
+            # by name, as a file records it: our window cache loads as mlx-lm's (clsa_mlx.cache)
+            if type(c).__name__ != type(f).__name__ or getattr(c, "max_size", None) != getattr(f, "max_size", None):
                 raise ValueError(f"cache {i} is a {type(c).__name__} of size {getattr(c, 'max_size', None)}, "
                                  f"the model's is a {type(f).__name__} of size {getattr(f, 'max_size', None)}")
             if isinstance(c, ArraysCache):

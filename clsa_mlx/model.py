@@ -1,4 +1,5 @@
 import copy
+import sys
 from typing import Any, List, NamedTuple, Optional
 
 import mlx.core as mx
@@ -6,8 +7,9 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_linear
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import create_attention_mask, create_ssm_mask
-from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache, RotatingKVCache
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
+from .cache import RotatingKVCache, refuse_max_kv_size
 from .config import ModelArgs
 from .retention import gated_retention
 from .sparse import route, select_kv, sparse_attention
@@ -412,7 +414,9 @@ class Model(nn.Module):
         return self
 
     def make_cache(self):
-        """Per self layer a window or retention state; one global K/V; one index-key cache."""
+        """Per self layer a window (trimmable past it: `clsa_mlx.cache`) or retention state; one
+        global K/V; one index-key cache. A max_kv_size given to mlx-lm is refused."""
+        refuse_max_kv_size(sys._getframe(1))
         window = self.self_decoder.window
         caches = [
             RotatingKVCache(max_size=window) if window else ArraysCache(size=1)
