@@ -49,6 +49,9 @@ __all__ = [
 class TorchFormatError(ValueError):
     """The file is not a readable torch zip checkpoint (truncated, corrupted, legacy...)."""
 
+    def __str__(self):  # one line, even where the message quotes names read from the file
+        return " ".join(super().__str__().split())
+
 
 class UnsafePickleError(TorchFormatError):
     """The pickle asks for a global outside the allowlist (it could run code)."""
