@@ -1,19 +1,21 @@
-"""Training data for the shipped model: permissive text plus synthetic long-context chat tasks.
+"""Training sequences for the shipped model: real documents and lookup questions about them.
 
-Text: the pydoc topic pages and docstrings of CPython's standard library (PSF licence) and the
-docstrings of permissively licensed packages installed beside it (PERMISSIVE_PACKAGES). Tasks: key-value lookup, pass key, multi-key needles and
-two-hop lookups, written as a document followed by question/answer chat turns, so that retrieval
-is learnable and measurable at any length.
+A chat task reads as the chat renders `/file` (clsa_mlx/conversation.py): one user turn holding
+`File NAME:\\n<text>` blocks and the first `Question: ...`, then the answer and `<|end|>`; each
+follow-up is a user turn `Question: ...` alone. Answers are quotes of the document
+(training/facts.py) or, for the synthetic long-context tasks, a needle's value. The other files
+in the turn are real documents too, so the question must be looked up in the right one.
 """
 
-import ast
+import hashlib
+import json
+import lzma
 import math
-import pathlib
 import random
-import re
-import sysconfig
 
 import numpy as np
+
+from training import facts as lookup
 
 SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
@@ -22,59 +24,38 @@ CHAT_TEMPLATE = (
 )
 SYLLABLES = "ba be bi bo bu da de di do du ka ke ki ko ku la le li lo lu ma me mi mo mu na ne ni no nu " \
             "pa pe pi po pu ra re ri ro ru sa se si so su ta te ti to tu va ve vi vo vu za ze zi zo zu".split()
+NOTE_NAMES = ["notes.txt", "log.txt", "report.md", "memo.txt", "data.txt", "README"]
+
+W_ANSWER, W_TEXT, W_CONTEXT = 1.0, 0.2, 0.05  # per-token loss weights: answers dominate the signal
+CHARS_PER_TOKEN = 3.1  # prepare.py measures it (stats.json); only sizes the documents' windows
+HELD_OUT = 0.06  # share of groups (packages, top-level modules) never trained on
+ALWAYS_HELD_OUT = {"stdlib:ftplib", "stdlib:_pydecimal", "stdlib:argparse"}  # the ones users tried
 
 
-PERMISSIVE_PACKAGES = {"numpy": "BSD-3-Clause", "torch": "BSD-3-Clause", "transformers": "Apache-2.0",
-                       "huggingface_hub": "Apache-2.0", "click": "BSD-3-Clause"}
+def part_of(group: str) -> str:
+    if group in ALWAYS_HELD_OUT:
+        return "heldout"
+    h = int(hashlib.sha256(group.encode()).hexdigest()[:8], 16) / 16**8
+    return "heldout" if h < HELD_OUT else "train"
 
 
-def docstrings(root: pathlib.Path):
-    for path in sorted(root.rglob("*.py")):
-        if any(part in ("test", "tests", "idlelib", "site-packages") for part in path.relative_to(root).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
-                    yield from doc.split("\n\n")
+def read_docs(path, part: str):
+    with lzma.open(path, "rt") as f:
+        return [d for d in map(json.loads, f) if part_of(d["group"]) == part]
 
 
-def corpus() -> str:
-    """Paragraphs of English prose, deduplicated, in a fixed order."""
-    import importlib.util
-
-    import pydoc_data.topics
-
-    paragraphs = [p for page in pydoc_data.topics.topics.values() for p in page.split("\n\n")]
-    paragraphs += docstrings(pathlib.Path(sysconfig.get_paths()["stdlib"]))
-    for package in PERMISSIVE_PACKAGES:
-        spec = importlib.util.find_spec(package)
-        if spec and spec.origin:
-            paragraphs += docstrings(pathlib.Path(spec.origin).parent)
-    seen, keep = set(), []
-    for p in paragraphs:
-        p = re.sub(r"[ \t]+", " ", p.strip())
-        if len(p) > 80 and p not in seen and p.isascii():
-            seen.add(p)
-            keep.append(p)
-    return "\n\n".join(keep)
-
-
-def train_tokenizer(corpus_file, prefix, vocab_size=4096):
+def train_tokenizer(corpus_file, prefix, vocab_size=8192):
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
         input=str(corpus_file), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, byte_fallback=True, split_digits=True, user_defined_symbols=SPECIALS,
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        character_coverage=1.0, byte_fallback=True, split_digits=True, user_defined_symbols=SPECIALS + ["\n"],
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, input_sentence_size=3_000_000, shuffle_input_sentence=True,
         max_sentence_length=8192, num_threads=2, minloglevel=2,
         # Keep text as written (newlines, runs of spaces) so the Hugging Face conversion of this
         # model encodes exactly as sentencepiece does.
         normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,  # indentation: one piece per run of spaces, not per space
     )
 
 
@@ -87,7 +68,7 @@ def number(rng):
     return str(rng.randint(10000, 99999))
 
 
-def make_task(rng: random.Random, kind: str):
+def synthetic_task(rng: random.Random, kind: str):
     """-> (needle sentences, [(question, answer)])."""
     if kind == "passkey":
         v = number(rng)
@@ -104,65 +85,134 @@ def make_task(rng: random.Random, kind: str):
     return needles, [(f"What is the value of key {keys[i]}?", values[i]) for i in asked]
 
 
-KINDS = ("kv", "multikey", "passkey", "twohop")
-W_ANSWER, W_TEXT, W_CONTEXT = 1.0, 0.2, 0.05  # per-token loss weights: answers dominate the signal
-HELD_OUT = 0.03  # the last 3% of the corpus tokens: never trained on, used for perplexity
-
-
-def split(corpus_ids: np.ndarray, part: str) -> np.ndarray:
-    cut = int(len(corpus_ids) * (1 - HELD_OUT))
-    return corpus_ids[:cut] if part == "train" else corpus_ids[cut:]
+SYNTHETIC = ("kv", "multikey", "passkey", "twohop")
 
 
 class Sampler:
-    """Token sequences of exactly `length` tokens with per-token loss weights."""
+    """Token sequences with per-token loss weights, from the documents of one part."""
 
-    def __init__(self, sp, corpus_ids: np.ndarray, seed: int = 0, part: str = "train"):
-        self.sp, self.corpus, self.rng = sp, split(corpus_ids, part), random.Random(seed)
+    def __init__(self, sp, docs, seed: int = 0):
+        self.sp, self.docs, self.rng = sp, docs, random.Random(seed)
         self.bos, self.eos = sp.bos_id(), sp.eos_id()
         self.user, self.assistant, self.end = (sp.piece_to_id(s) for s in SPECIALS[1:])
 
-    def filler(self, n):
-        start = self.rng.randrange(0, len(self.corpus) - n)
-        return self.corpus[start:start + n].tolist()
+    def facts_of(self, i):
+        return self.docs[i]["facts"]
+
+    def window(self, text, chars, span=None):
+        """-> (start, slice): about `chars` characters of `text` on line boundaries, holding
+        text[span[0]:span[1]] whole."""
+        if len(text) <= chars:
+            return 0, text
+        lo, hi = (0, len(text) - chars) if span is None else (max(0, span[1] - chars), min(span[0], len(text) - chars))
+        start = self.rng.randint(lo, max(lo, hi))
+        if start:
+            start = text.find("\n", start) + 1 or start
+        end = text.rfind("\n", start, start + chars) + 1 or start + chars
+        if span is not None and not start <= span[0] <= span[1] <= end:
+            start, end = max(0, span[0] - chars // 2), max(span[1], span[0] + chars // 2)
+        return start, text[start:end]
+
+    def filler_files(self, chars, avoid=()):
+        """Other documents' slices, none of which mentions the words in `avoid`."""
+        files, tries = [], 0
+        while chars > 200 and tries < 200:
+            tries += 1
+            d = self.docs[self.rng.randrange(len(self.docs))]
+            take = min(chars, int(math.exp(self.rng.uniform(math.log(200), math.log(max(201, chars))))))
+            _, text = self.window(d["text"], take)
+            if not any(a in text for a in avoid):
+                files.append((d["name"], text))
+                chars -= len(text) + len(d["name"]) + 8
+        return files
+
+    def subject(self, fact, found):
+        """The fact's name as asked: `Class.method` or, where no other fact of its kind shares
+        it, sometimes the bare method name."""
+        kind, name = fact[0], fact[1]
+        head, _, tail = name.partition(" ")
+        bare = head.rsplit(".", 1)[-1]
+        alike = sum(f[0] == kind and f[1].partition(" ")[0].rsplit(".", 1)[-1] == bare
+                    and f[1].partition(" ")[2] == tail for f in found)
+        if bare != head and alike == 1 and self.rng.random() < 0.5:
+            return f"{bare} {tail}".strip()
+        return name
+
+    def lookup_turns(self, chars, kind=None):
+        """-> ((name, text) of the target file, [(question, answer)], kind, words the other
+        files must not hold)."""
+        for _ in range(1000):
+            i = self.rng.randrange(len(self.docs))
+            found = self.facts_of(i)
+            if found and (kind is None or any(f[0] == kind for f in found)):
+                break
+        d = self.docs[i]
+        kind = kind or self.rng.choice(sorted({f[0] for f in found}))
+        first = self.rng.choice([f for f in found if f[0] == kind])
+        start, text = self.window(d["text"], chars, span=(first[3], first[3] + len(first[2])))
+        inside = [f for f in found if f is not first and start <= f[3] and f[3] + len(f[2]) <= start + len(text)]
+        chosen = [first] + self.rng.sample(inside, k=min(len(inside), self.rng.choice([0, 0, 1, 1, 2, 3])))
+        subjects = [self.subject(f, found) for f in chosen]
+        qa = [(lookup.question(self.rng, f[0], s), f[2]) for f, s in zip(chosen, subjects)]
+        avoid = [s if f[0] == "mention" else s.split(" ")[0].rsplit(".", 1)[-1] for f, s in zip(chosen, subjects)]
+        return (d["name"], text), qa, kind, [a for a in avoid if len(a) > 3]
+
+    def synthetic_turns(self, chars, kind):
+        needles, qa = synthetic_task(self.rng, kind)
+        _, text = self.window(self.docs[self.rng.randrange(len(self.docs))]["text"], chars)
+        lines = text.split("\n")
+        for n in needles:
+            lines.insert(self.rng.randint(0, len(lines)), n)
+        return (self.rng.choice(NOTE_NAMES), "\n".join(lines)), qa, kind, []
+
+    def chat_parts(self, length, kind=None):
+        """-> ([(file name, text)], [(question, answer)], kind) of about `length` tokens. `kind`:
+        a lookup kind, a synthetic one, "lookup" (any lookup) or None (lookups 70% of the time)."""
+        kind = kind or ("lookup" if self.rng.random() < 0.7 else self.rng.choice(SYNTHETIC))
+        chars = int((length - 24) * CHARS_PER_TOKEN)
+        share = chars if self.rng.random() < 0.3 else max(600, int(chars * self.rng.uniform(0.05, 1.0)))
+        if kind in SYNTHETIC:
+            target, qa, kind, avoid = self.synthetic_turns(share, kind)
+        else:
+            target, qa, kind, avoid = self.lookup_turns(share, None if kind == "lookup" else kind)
+        files = self.filler_files(chars - len(target[1]), avoid)
+        files.insert(self.rng.randint(0, len(files)), target)
+        return files, qa, kind
 
     def chat_task(self, length, kind=None):
-        """-> (ids, weights, [(answer start, answer ids)]): a document with needles, then Q/A turns."""
-        kind = kind or self.rng.choice(KINDS)
-        needles, qa = make_task(self.rng, kind)
-        needle_ids = [self.sp.encode(" " + s + " ") for s in needles]
-        turns = []
+        """-> (ids, weights, [(answer start, answer ids)], kind): files, then question/answer turns."""
+        files, qa, kind = self.chat_parts(length, kind)
+        # encoded in the pieces the chat encodes: each file as it is added, then the question
+        blocks = [("\n\n" if j else "") + f"File {name}:\n{text}" for j, (name, text) in enumerate(files)]
+        ids = [self.bos, self.user] + [t for b in blocks for t in self.sp.encode(b)]
+        w, answers = [W_CONTEXT] * len(ids), []
         for i, (q, a) in enumerate(qa):
-            q_ids = self.sp.encode(("\n\nQuestion: " if i == 0 else "Question: ") + q)
-            turns.append((q_ids, self.sp.encode(a)))
-        fixed = 2 + sum(len(n) for n in needle_ids) + sum(len(q) + len(a) + 4 for q, a in turns)
-        body = self.filler(max(0, length - fixed))
-        for n in needle_ids:
-            at = self.rng.randint(0, len(body))
-            body[at:at] = n
-        ids, w, answers = [self.bos, self.user] + body, [W_CONTEXT] * (2 + len(body)), []
-        for i, (q, a) in enumerate(turns):
-            head = ([] if i == 0 else [self.user]) + q + [self.end, self.assistant]
+            head = self.sp.encode(f"\n\nQuestion: {q}") if i == 0 else [self.user] + self.sp.encode(f"Question: {q}")
+            head += [self.end, self.assistant]
             ids += head
             w += [W_CONTEXT] * len(head)
-            answers.append((len(ids), a))
-            ids += a + [self.end]
-            w += [W_ANSWER] * (len(a) + 1)
-        return ids, w, answers
+            answers.append((len(ids), self.sp.encode(a)))
+            ids += answers[-1][1] + [self.end]
+            w += [W_ANSWER] * (len(answers[-1][1]) + 1)
+        return ids, w, answers, kind
+
+    def text(self, n):
+        _, text = self.window(self.docs[self.rng.randrange(len(self.docs))]["text"], int(n * CHARS_PER_TOKEN))
+        return [self.bos] + self.sp.encode(text)[: n - 1]
 
     def sequence(self, length, text_share=0.15):
-        """Packs samples (corpus text or chat tasks, log-uniform lengths so that short, dense
-        retrieval lessons are common) into exactly `length` tokens."""
+        """Packs samples (document text or chat tasks, log-uniform lengths so that short, dense
+        lookup lessons are common) into exactly `length` tokens."""
         ids, w = [], []
         while len(ids) < length:
             room = length - len(ids)
-            n = min(room, int(math.exp(self.rng.uniform(math.log(96), math.log(max(97, length))))))
-            if self.rng.random() < text_share or n < 96:
-                part = [self.bos] + self.filler(n - 1)
+            n = min(room, int(math.exp(self.rng.uniform(math.log(128), math.log(max(129, length))))))
+            if self.rng.random() < text_share or n < 128:
+                part = self.text(n)
                 ids += part
                 w += [W_TEXT] * len(part)
             else:
-                part, pw, _ = self.chat_task(n)
+                part, pw, _, _ = self.chat_task(n)
                 ids += part + [self.eos]
                 w += pw + [W_CONTEXT]
         return np.array(ids[:length], dtype=np.int32), np.array(w[:length], dtype=np.float32)

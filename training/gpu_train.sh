@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# The shipped model's GPU run: dense -> warmup -> joint on one H200 (one device call, ~9 min).
-#   carry .train/box (tokenizer.model + corpus_ids.npy written by training/prepare.py)
-#   bash training/gpu_train.sh .train/box /tmp/run
-#   -> $OUT/{dense,warmup,joint}.log and $OUT/joint.tar.* (the official checkpoint, split)
+# The shipped model's GPU run on one H200: dense -> warmup -> joint for two models at once, the
+# shipped one (GPU_CONFIG, 8-bit: ~22M parameters) and an fp16 one of the same bytes (~12M), so
+# the two can be compared. Detach it (setsid) and poll: it outlasts one device call.
+#   carry .train/box (training/prepare.py's folder)
+#   setsid bash training/gpu_train.sh .train/box /tmp/run DENSE_MINUTES > /tmp/run.log 2>&1 &
+#   -> /tmp/run/{big,small}/{dense,warmup,joint}(.log), then /tmp/run/done
 set -eo pipefail
 export PYTHONUNBUFFERED=1
-DATA=$1 RUN=$2
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" "$RUN"
-T="python3 training/train.py --data $DATA --seq 4096 --batch 16 --workers 8 --log-every 100"
-$T --stage dense --out "$RUN/dense" --minutes 5.2 | tee "$OUT/dense.log"
-$T --stage warmup --init "$RUN/dense" --out "$RUN/warmup" --minutes 0.7 | tee "$OUT/warmup.log"
-$T --stage joint --init "$RUN/warmup" --out "$RUN/joint" --minutes 1.6 --eval-lengths 4096 16384 \
-  --eval-samples 16 | tee "$OUT/joint.log"
-(cd "$RUN" && tar cf - joint | split -b 15m - "$OUT/joint.tar.")
+DATA=$1 RUN=$2 DENSE=${3:-10}
+mkdir -p "$RUN/big" "$RUN/small"
+SMALL='{"dim":256,"hidden_dim":768,"n_self_heads":4,"n_attn_heads":4}'  # no spaces: one word
+
+stages() {  # name, override
+  local T="python3 training/train.py --data $DATA --workers 6 --log-every 100 --override $2" R="$RUN/$1"
+  $T --stage dense --out "$R/dense" --seq 4096 --batch 16 --minutes "$DENSE" > "$R/dense.log" 2>&1
+  $T --stage warmup --init "$R/dense" --out "$R/warmup" --seq 8192 --batch 8 --minutes 1 > "$R/warmup.log" 2>&1
+  $T --stage joint --init "$R/warmup" --out "$R/joint" --seq 8192 --batch 8 --minutes 2.5 \
+    --eval-lengths 4096 16384 --eval-samples 24 > "$R/joint.log" 2>&1
+}
+stages big '{}' & big=$!
+stages small "$SMALL" & small=$!
+wait $big; wait $small
+touch "$RUN/done"

@@ -1,23 +1,51 @@
-"""Build the training data folder: corpus text, sentencepiece tokenizer, corpus token ids, and
-the same tokenizer as Hugging Face files with the chat template (DIR/hf) for the model folder.
+"""Build the training data folder: the documents (training/sources.py) with their licences, a
+sentencepiece tokenizer trained on them, and the same tokenizer as Hugging Face files with the
+chat template (DIR/hf) for the model folder.
 
   python training/prepare.py DIR
+  -> DIR/docs.jsonl.xz (with each document's lookup facts), DIR/tokenizer.model, DIR/hf/, DIR/licences.json, DIR/stats.json
 """
 
+import collections
+import json
+import lzma
+import multiprocessing
 import pathlib
+import random
 import sys
 
-import numpy as np
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from training.data import CHAT_TEMPLATE, SPECIALS, corpus, train_tokenizer  # noqa: E402
+from training.data import CHAT_TEMPLATE, SPECIALS, part_of, train_tokenizer  # noqa: E402
+from training.facts import facts  # noqa: E402
+from training.sources import documents  # noqa: E402
+
+MAX_GROUP_CHARS = 6_000_000  # torch alone has 56 MB of sources: keep any one package from dominating
+OWN = "pypi:clsa-mlx"
+
+
+def sentencepiece_bpe_json(sp, converted: dict) -> dict:
+    """Hugging Face's conversion of `sp`, corrected to encode exactly as sentencepiece: the
+    converter drops the user-defined "\\n" piece (shifting every id after it), and knows no
+    whitespace-only pieces (runs of spaces: sentencepiece's words are a run of spaces plus the
+    characters up to the next space)."""
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    atomic = {i for i in vocab.values() if sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i)}
+    atomic |= {vocab[s] for s in SPECIALS + ["\n"]}
+    merges = sorted((i, vocab[p[:k]], vocab[p[k:]]) for p, i in vocab.items() if i not in atomic
+                    for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab)
+    converted["model"].update(vocab=vocab, merges=[[sp.id_to_piece(a), sp.id_to_piece(b)] for _, a, b in merges])
+    converted["added_tokens"].append(dict(id=vocab["\n"], content="\n", single_word=False, lstrip=False,
+                                          rstrip=False, normalized=False, special=False))
+    words = {"type": "Split", "pattern": {"Regex": "\u2581*[^\u2581]+|\u2581+"}, "behavior": "Isolated", "invert": False}
+    converted["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [converted["pre_tokenizer"], words]}
+    return converted
 
 
 def write_hf_tokenizer(sp_model, folder):
     """tokenizer.json + tokenizer_config.json that encode exactly as the sentencepiece model."""
-    import json
     import shutil
 
+    import sentencepiece as spm
     from transformers import AutoTokenizer
 
     folder = pathlib.Path(folder)
@@ -29,10 +57,29 @@ def write_hf_tokenizer(sp_model, folder):
     tokenizer = AutoTokenizer.from_pretrained(folder, additional_special_tokens=SPECIALS)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
+    converted = json.loads((folder / "tokenizer.json").read_text())
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    (folder / "tokenizer.json").write_text(json.dumps(sentencepiece_bpe_json(sp, converted), ensure_ascii=False))
     # a reply ends with <|end|>; plain text with </s> (mlx-lm reads eos ids from here)
     end = tokenizer.convert_tokens_to_ids("<|end|>")
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_token_id, end]}))
     return folder
+
+
+def capped(docs):
+    """Each group's documents in a seeded random order, up to MAX_GROUP_CHARS per group."""
+    by_group = collections.defaultdict(list)
+    for d in docs:
+        if d["group"] != OWN:
+            by_group[d["group"]].append(d)
+    for group, members in sorted(by_group.items()):
+        random.Random(group).shuffle(members)
+        total = 0
+        for d in members:
+            total += len(d["text"])
+            if total > MAX_GROUP_CHARS:
+                break
+            yield d
 
 
 def main(out):
@@ -40,14 +87,42 @@ def main(out):
 
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    text = corpus()
-    (out / "corpus.txt").write_text(text)
+    docs = list(capped(documents()))
+    with multiprocessing.Pool() as pool:  # once here, not in every training worker
+        found = pool.starmap(facts, [(d["name"], d["text"]) for d in docs], chunksize=16)
+    for d, f in zip(docs, found):
+        d["facts"] = f
+    with lzma.open(out / "docs.jsonl.xz", "wt", preset=6) as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")
+    train_text = [d["text"] for d in docs if part_of(d["group"]) == "train"]
+    (out / "corpus.txt").write_text("\n\n".join(train_text))
     train_tokenizer(out / "corpus.txt", out / "tokenizer")
+    (out / "corpus.txt").unlink()
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
-    ids = np.array(sp.encode(text), dtype=np.uint16)
-    np.save(out / "corpus_ids.npy", ids)
-    write_hf_tokenizer(out / "tokenizer.model", out / "hf")
-    print(f"{len(text) / 1e6:.1f} MB of text, {len(ids) / 1e6:.2f}M tokens, vocab {sp.get_piece_size()} -> {out}")
+    sample = "\n\n".join(random.Random(0).sample(train_text, k=min(400, len(train_text))))
+    licences = collections.defaultdict(set)
+    for d in docs:
+        licences[d["origin"].split("/")[0].split(":")[0] + ":" + d["group"].split(":", 1)[1]].add(d["license"])
+    (out / "licences.json").write_text(json.dumps({k: sorted(v) for k, v in sorted(licences.items())}, indent=1))
+    chars = collections.Counter()
+    for d in docs:
+        chars[part_of(d["group"])] += len(d["text"])
+    stats = dict(documents=len(docs), groups=len({d["group"] for d in docs}),
+                 facts=dict(collections.Counter(f[0] for d in docs for f in d["facts"])),
+                 heldout_groups=sorted({d["group"] for d in docs if part_of(d["group"]) == "heldout"}),
+                 chars=dict(chars), chars_per_token=len(sample) / len(sp.encode(sample)))
+    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    hf = write_hf_tokenizer(out / "tokenizer.model", out / "hf")
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(hf)
+    specials = SPECIALS + ["<s>", "</s>", "<unk>"]  # text that spells a special token is read as one
+    for text in sample.split("\n\n")[:3000]:  # the chat's tokenizer must read text as training did
+        if not any(s in text for s in specials):
+            assert hf.encode(text, add_special_tokens=False) == sp.encode(text), text[:200]
+    print(f"{len(docs)} documents, {sum(chars.values()) / 1e6:.1f} MB ({chars['heldout'] / 1e6:.1f} MB held out), "
+          f"{stats['chars_per_token']:.2f} chars/token, vocab {sp.get_piece_size()} -> {out}")
 
 
 if __name__ == "__main__":

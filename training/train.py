@@ -24,13 +24,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from torch_ref.model import Model, ModelArgs, indexer_kd_loss, load_official, save_official  # noqa: E402
-from training.data import W_ANSWER, Sampler  # noqa: E402
+from training.data import W_ANSWER, Sampler, read_docs  # noqa: E402
 
-# The shipped model's config (clsa_mlx/shipped; training/gpu_train.sh); --override changes it
-# for experiments.
+# The shipped model's config (clsa_mlx/shipped, 8-bit; training/gpu_train.sh); --override changes
+# it (the fp16 model of the same bytes: dim 256, hidden_dim 768, 4 heads).
 GPU_CONFIG = dict(
-    model_type="clsa", dim=256, n_layers=8, hidden_dim=768, n_self_heads=4, n_self_kv_heads=2,
-    n_attn_heads=4, n_attn_kv_heads=2, vocab_size=4096, max_seq_len=131072, sliding_window=256,
+    model_type="clsa", dim=384, n_layers=10, hidden_dim=1024, n_self_heads=6, n_self_kv_heads=2,
+    n_attn_heads=6, n_attn_kv_heads=2, vocab_size=8192, max_seq_len=131072, sliding_window=256,
     qk_norm=True, cross_rope=False, rope_style="standard", rope_theta=10000.0, norm_eps=1e-5,
     index_topk=256, index_head_dim=32,
 )
@@ -50,8 +50,8 @@ class Batches(torch.utils.data.IterableDataset):
 
         info = torch.utils.data.get_worker_info()
         sp = spm.SentencePieceProcessor(model_file=str(self.data_dir / "tokenizer.model"))
-        corpus = np.load(self.data_dir / "corpus_ids.npy")
-        sampler = Sampler(sp, corpus, seed=self.seed * 1000 + (info.id if info else 0))
+        docs = read_docs(self.data_dir / "docs.jsonl.xz", "train")
+        sampler = Sampler(sp, docs, seed=self.seed * 1000 + (info.id if info else 0))
         while True:
             rows = [sampler.sequence(self.seq + 1) for _ in range(self.batch)]
             yield torch.from_numpy(np.stack([r[0] for r in rows])), torch.from_numpy(np.stack([r[1] for r in rows]))
@@ -69,10 +69,10 @@ def answer_accuracy(model, data_dir, length, n, sparse, dev, seed=1234):
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(data_dir / "tokenizer.model"))
-    sampler = Sampler(sp, np.load(data_dir / "corpus_ids.npy"), seed=seed, part="heldout")
+    sampler = Sampler(sp, read_docs(data_dir / "docs.jsonl.xz", "heldout"), seed=seed)
     right = total = 0
     for _ in range(n):
-        ids, _, answers = sampler.chat_task(length)
+        ids, _, answers, _ = sampler.chat_task(length)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             pred = model(torch.tensor([ids], device=dev), sparse=sparse)[0].argmax(-1).tolist()
         for start, a in answers:
@@ -165,7 +165,7 @@ def train(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=pathlib.Path, required=True, help="folder with tokenizer.model, corpus_ids.npy")
+    p.add_argument("--data", type=pathlib.Path, required=True, help="training/prepare.py's folder")
     p.add_argument("--out", type=pathlib.Path, required=True)
     p.add_argument("--stage", choices=STAGES, required=True)
     p.add_argument("--init", type=pathlib.Path, help="official checkpoint folder to start from")
