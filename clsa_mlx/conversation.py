@@ -18,6 +18,7 @@ from .loading import OneLineError, one_line
 from .prefix_cache import PrefixCache
 
 PREFILL_STEP = 2048
+CHUNK_SECONDS = 1.0  # a prompt chunk's time on a slow machine: how long Ctrl-C may wait
 SENTINEL = "\x00QUESTION\x00"
 
 
@@ -156,9 +157,12 @@ class Conversation:
         finally:
             self.messages = messages
 
+    def _chunk_seconds(self):
+        return CHUNK_SECONDS if self.group is None else None  # a sharded model's ranks must chunk alike
+
     def _prefill(self, ids: list, progress=None):
         self.model.reserve(self.cache, len(ids))
-        prefill(self.model, ids, self.cache, self.prefill_step, progress)
+        prefill(self.model, ids, self.cache, self.prefill_step, progress, self._chunk_seconds())
 
     def add_document(self, path: str, progress=None):
         path = document_path(path)
@@ -218,7 +222,8 @@ class Conversation:
             full, ids = self._fit(lambda: self._render(self._content(question)), reserve=min(max_tokens, 256))
             for r in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
                                      prompt_cache=self.cache, prompt_progress_callback=progress,
-                                     prefill_step_size=self.prefill_step, group=self.group, **sampling):
+                                     prefill_step_size=self.prefill_step, group=self.group,
+                                     chunk_seconds=self._chunk_seconds(), **sampling):
                 self.last = r
                 generated.append(r.token)
                 if r.finish_reason != "stop":

@@ -36,18 +36,30 @@ def context_used(model, prompt_cache) -> int:
     return prompt_cache[len(model.self_decoder.layers)].offset if prompt_cache else 0
 
 
-def prefill(model, tokens, cache, step: int = 2048, progress=None):
+def prefill(model, tokens, cache, step: int = 2048, progress=None, chunk_seconds=None):
     """Run `tokens` into `cache`, `step` at a time. Unlike mlx-lm's loop it keeps MLX's buffer
-    cache between chunks: every chunk needs the same scratch, and freeing it costs a re-allocation."""
-    tokens = mx.array(tokens)
+    cache between chunks: every chunk needs the same scratch, and freeing it costs a re-allocation.
+    With `chunk_seconds`, chunks start at 256 tokens and double or halve (up to `step`) to take
+    about that long: Python sees Ctrl-C only between chunks, and a slow machine then still
+    honours it within about that time."""
+    tokens, n, start = mx.array(tokens), len(tokens), 0
+    size = min(step, 256) if chunk_seconds else step
     if progress:
-        progress(0, len(tokens))  # the start: a progress line (and its clock) from the first chunk on
+        progress(0, n)  # the start: a progress line (and its clock) from the first chunk on
     with mx.stream(generation_stream):
-        for start in range(0, len(tokens), step):
-            model(tokens[start:start + step][None], cache=cache)
+        while start < n:
+            t0 = time.perf_counter()
+            model(tokens[start:start + size][None], cache=cache)
             mx.eval([c.state for c in cache])
+            start += size
             if progress:
-                progress(min(start + step, len(tokens)), len(tokens))
+                progress(min(start, n), n)
+            if chunk_seconds:
+                seconds = time.perf_counter() - t0
+                if seconds < chunk_seconds / 2:
+                    size = min(step, 2 * size)
+                elif seconds > chunk_seconds:
+                    size = max(min(step, 256), size // 2)
 
 
 def same_random_state(group):
@@ -57,11 +69,12 @@ def same_random_state(group):
         mx.random.seed(seed.view(mx.uint64).item())
 
 
-def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, group=None, **kwargs):
+def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, group=None, chunk_seconds=None, **kwargs):
     """Yields mlx-lm `GenerationResponse`s. Refuses a prompt that does not fit the model's
     context (`max_seq_len`) and stops generation at that limit. The prompt but its last token
-    goes through `prefill`; mlx-lm's loop takes it from there. A model sharded over `group`
-    runs the same on every rank."""
+    goes through `prefill` (`chunk_seconds`: its chunk timing, not for a sharded model, whose
+    ranks must run the same chunks); mlx-lm's loop takes it from there. A model sharded over
+    `group` runs the same on every rank."""
     if kwargs.get("kv_bits"):
         raise ValueError("kv_bits: KV-cache quantization is not supported for CLSA/YOCO caches")
     step = kwargs.get("prefill_step_size", 2048)
@@ -87,8 +100,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, group=None,
     t0 = time.perf_counter()
     if head:
         with wired_limit(model, [generation_stream]):
-            prefill(model, head, cache, step,
-                    lambda done, _: progress(done, len(tokens)))
+            prefill(model, head, cache, step, lambda done, _: progress(done, len(tokens)), chunk_seconds)
     head_s = time.perf_counter() - t0
     kwargs["prompt_progress_callback"] = lambda done, _: progress(len(head) + done, len(tokens))
     try:

@@ -180,3 +180,26 @@ def test_shipped_folder_carries_the_current_model_file():
     folder = clsa_mlx.shipped_model()
     assert json.loads((folder / "config.json").read_text())["model_file"] == loading.MODEL_FILE
     assert (folder / loading.MODEL_FILE).read_bytes() == (Path(loading.__file__).parent / "model_file.py").read_bytes()
+
+
+def test_timed_prefill_chunks_grow_and_shrink_and_change_no_token(loaded, monkeypatch):
+    """chunk_seconds (the chat's): chunks start at 256 tokens, double while fast, halve while
+    slow, never past the step; the tokens are those of fixed chunks."""
+    import importlib
+
+    gen = importlib.import_module("clsa_mlx.generate")  # the module (clsa_mlx.generate is also the function)
+    model, tokenizer = loaded
+    prompt = (tokenizer.encode("A long document about routing and windows. ") * 200)[:2500]  # 2499 prefilled
+    fixed = greedy_tokens(model, tokenizer, prompt, 6, prefill_step_size=1024)
+    for chunk_seconds, expect in ((1e9, [256, 512, 1024, 707]), (1e-9, [256, 256, 256])):
+        seen = []
+        timed = greedy_tokens(model, tokenizer, prompt, 6, prefill_step_size=1024, chunk_seconds=chunk_seconds,
+                              prompt_progress_callback=lambda done, total: seen.append(done))
+        sizes = [b - a for a, b in zip(seen, seen[1:]) if b > a]
+        assert sizes[:len(expect)] == expect and max(sizes) <= 1024
+        assert timed == fixed
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(gen.time, "perf_counter", lambda: 10.0 * next(ticks))  # each chunk "takes" 10 s
+    seen = []
+    gen.prefill(model, prompt, model.make_cache(), 1024, lambda done, _: seen.append(done), chunk_seconds=1.0)
+    assert [b - a for a, b in zip(seen, seen[1:])][:3] == [256, 256, 256]  # never below 256
