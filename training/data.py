@@ -182,7 +182,11 @@ class Sampler:
     def chat_task(self, length, kind=None):
         """-> (ids, weights, [(answer start, answer ids)], kind): files, then question/answer turns."""
         files, qa, kind = self.chat_parts(length, kind)
-        # encoded in the pieces the chat encodes: each file as it is added, then the question
+        return (*self.encode(files, qa), kind)
+
+    def encode(self, files, qa):
+        """-> (ids, weights, [(answer start, answer ids)]), in the pieces the chat encodes: each
+        file as it is added, then the question."""
         blocks = [("\n\n" if j else "") + f"File {name}:\n{text}" for j, (name, text) in enumerate(files)]
         ids = [self.bos, self.user] + [t for b in blocks for t in self.sp.encode(b)]
         w, answers = [W_CONTEXT] * len(ids), []
@@ -194,7 +198,7 @@ class Sampler:
             answers.append((len(ids), self.sp.encode(a)))
             ids += answers[-1][1] + [self.end]
             w += [W_ANSWER] * (len(answers[-1][1]) + 1)
-        return ids, w, answers, kind
+        return ids, w, answers
 
     def text(self, n):
         _, text = self.window(self.docs[self.rng.randrange(len(self.docs))]["text"], int(n * CHARS_PER_TOKEN))

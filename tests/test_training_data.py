@@ -1,0 +1,93 @@
+"""The shipped model's training data: lookup facts are quotes with one right answer, and a chat
+task's tokens are the tokens the chat feeds the model for the same files and question."""
+
+import random
+
+import pytest
+
+import clsa_mlx
+from clsa_mlx.conversation import Conversation
+from training.data import Sampler, part_of
+from training.facts import KINDS, facts, question
+
+PYTHON = '''"""A module."""
+
+FTP_PORT = 21
+MAXLINE = 8192
+DUP = 1
+DUP = 2
+
+
+class FTP:
+    """An FTP client class."""
+
+    def connect(self, host='', port=0, timeout=-999):
+        """Connect to host."""
+        return host
+
+
+def quit():
+    pass
+'''
+C_HEADER = "#define PY_MAJOR_VERSION 3\n#define PY_MINOR_VERSION\t11\n#define TWICE 1\n#define TWICE 2\n"
+TEXT = "Package: demo\nVersion: 1.2.3\nThe passive mode is the default since version two of the client.\n"
+
+
+def by_subject(found):
+    return {(f[0], f[1]): f[2] for f in found}
+
+
+@pytest.mark.parametrize("name,text", [("ftp.py", PYTHON), ("patchlevel.h", C_HEADER), ("control.txt", TEXT)])
+def test_facts_are_quotes_at_their_offsets_with_one_answer(name, text):
+    found = facts(name, text)
+    assert found and {f[0] for f in found} <= set(KINDS)
+    for kind, subject, answer, at in found:
+        assert text[at:at + len(answer)] == answer
+    subjects = [(f[0], f[1]) for f in found]
+    assert len(subjects) == len(set(subjects))
+
+
+def test_facts_of_python_c_and_text():
+    py, c, txt = (by_subject(facts(n, t)) for n, t in (("ftp.py", PYTHON), ("p.h", C_HEADER), ("c.txt", TEXT)))
+    assert py[("value", "FTP_PORT")] == "21" and py[("value", "MAXLINE")] == "8192"
+    assert ("value", "DUP") not in py  # assigned twice: no single right answer
+    assert py[("signature", "FTP.connect")] == "(self, host='', port=0, timeout=-999)"
+    assert py[("default", "FTP.connect timeout")] == "-999"
+    assert py[("doc", "FTP")] == "An FTP client class."
+    assert c[("value", "PY_MINOR_VERSION")] == "11" and ("value", "TWICE") not in c
+    assert txt[("value", "Version")] == "1.2.3"
+
+
+def test_questions_name_their_subject():
+    rng = random.Random(0)
+    for _ in range(20):
+        assert "FTP_PORT" in question(rng, "value", "FTP_PORT")
+        q = question(rng, "default", "FTP.connect timeout")
+        assert "FTP.connect" in q and "timeout" in q
+
+
+def test_held_out_groups_include_the_files_users_tried():
+    assert {part_of(g) for g in ("stdlib:ftplib", "stdlib:_pydecimal", "stdlib:argparse")} == {"heldout"}
+    assert sum(part_of(f"stdlib:m{i}") == "heldout" for i in range(1000)) < 120
+
+
+def test_a_chat_task_is_what_the_chat_feeds_the_model(tmp_path):
+    """Files added with /file and a question, through Conversation: the tokens in its cache
+    before the reply equal the training sequence up to the answer."""
+    import sentencepiece as spm
+
+    folder = clsa_mlx.shipped_model()
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    docs = [dict(name=n, text=t, facts=facts(n, t)) for n, t in (("ftp.py", PYTHON), ("p.h", C_HEADER), ("c.txt", TEXT))]
+    sampler = Sampler(sp, docs, seed=3)
+    model, tokenizer = clsa_mlx.load(folder)
+    for kind in ("value", "signature", "passkey"):
+        files, qa, _ = sampler.chat_parts(600, kind)
+        ids, _, answers = sampler.encode(files, qa)
+        chat = Conversation(model, tokenizer, model_id="test")
+        for j, (name, text) in enumerate(files):
+            (tmp_path / kind / str(j)).mkdir(parents=True)
+            (tmp_path / kind / str(j) / name).write_text(text)
+            chat.add_document(str(tmp_path / kind / str(j) / name))
+        list(chat.ask(qa[0][0], max_tokens=1))
+        assert chat.ids[:-1] == ids[: answers[0][0]], kind
