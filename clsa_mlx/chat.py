@@ -20,7 +20,8 @@ HELP = """commands:
   /docs          the documents in this conversation
   /system TEXT   set the system prompt (starts a new conversation)
   /reset         forget the conversation
-  /save FILE     save the session (prompt cache + conversation) to FILE.safetensors
+  /save FILE     save the session (prompt cache + conversation) to FILE.safetensors;
+                 `mlx_lm generate --prompt-cache-file FILE --prompt ...` continues it too
   /load FILE     resume a saved session of this model
   /stats         context, cache and memory figures
   /help          this text
@@ -119,7 +120,10 @@ def command(conv: Conversation, line: str) -> bool:
         how = "from the document cache" if conv.reused else "added"
         print(f"[{conv.document_names()[-1]}: {n} tokens {how}; context {conv.used}/{conv.limit}]")
     elif name == "/save":
-        print(f"[saved {conv.save(arg)}: {conv.used} tokens]")
+        saved = conv.save(arg)
+        if conv.dropped:
+            print(f"[dropped the {conv.dropped} oldest turn(s) to fit the context]")
+        print(f"[saved {saved}: {conv.used} tokens]")
     elif name == "/load":
         conv.load(arg)
         print(f"[loaded {arg}: {conv.used} tokens, {len(conv.messages) // 2} turns]")
@@ -247,7 +251,7 @@ def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_toke
         model_id = model_identity(path)
         prefixes = PrefixCache(model_id, FOLDER if document_cache_gb > 0 else None, document_cache_gb)
         conv = Conversation(m, tokenizer, model_id, system, max_context, drop_oldest, prefill_step_size, group,
-                            prefixes)
+                            prefixes, model_path=path.absolute())
         for f in files:
             conv.add_document(f, progress=Progress())
     except (ChatError, FileNotFoundError, ValueError) as e:

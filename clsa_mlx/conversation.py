@@ -1,5 +1,6 @@
 """A conversation that keeps its prompt cache across turns: a new turn prefills only its new
-tokens, documents are prefilled as soon as they are added, sessions save and resume."""
+tokens, documents are prefilled as soon as they are added, sessions save and resume (as
+mlx-lm prompt-cache files that `mlx_lm generate --prompt-cache-file` continues)."""
 
 import copy
 import hashlib
@@ -81,8 +82,9 @@ def read_document(path: Path) -> str:
 class Conversation:
     def __init__(self, model, tokenizer, model_id: str, system: Optional[str] = None,
                  max_context: Optional[int] = None, drop_oldest: bool = False, prefill_step: int = PREFILL_STEP,
-                 group=None, prefixes: Optional[PrefixCache] = None):
+                 group=None, prefixes: Optional[PrefixCache] = None, model_path: Optional[str] = None):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.model_path = model_path  # the folder a saved session names for mlx_lm generate
         self.group = group if group is not None and group.size() > 1 else None  # a model sharded over ranks
         self.prefixes = prefixes if self.group is None else None  # each rank holds only its heads
         self.prefill_step = prefill_step
@@ -260,22 +262,45 @@ class Conversation:
             raise ChatError(f"{what}: sessions of a model sharded over {self.group.size()} ranks are not supported "
                             "(each rank holds only its heads of the cache)")
 
+    def _prefill_to_next_input(self):
+        """Prefills up to where the next user text goes: past the pending documents and their
+        separator, or the next user turn's header. mlx_lm generate appends only the text from
+        the chat template's `<query>` on, so a saved cache must already hold what comes before."""
+
+        def prefix():
+            full = self._render("\n\n".join(self.documents + [SENTINEL]))
+            return full[:full.index(SENTINEL)]
+
+        prefix, ids = self._fit(prefix, reserve=0)
+        if ids:
+            self._prefill(ids)
+        self.text_in_cache, self.ids = prefix, self.ids + ids
+
     def save(self, path: str) -> str:
         self._whole_model("/save")
         path = path if path.endswith(".safetensors") else path + ".safetensors"
         if Path(path).exists() and not _is_session(path):
             raise ChatError(f"{path}: exists and is not a clsa-mlx session; not overwriting it")
-        meta = dict(clsa_mlx_session="1", model_id=self.model_id, system=self.system or "",
-                    messages=json.dumps(self.messages), documents=json.dumps(self.documents),
-                    text_in_cache=self.text_in_cache, ids=json.dumps(self.ids))
-        tmp = f"{path}.partial-{os.getpid()}.safetensors"
+        mark, tmp = self._mark(), f"{path}.partial-{os.getpid()}.safetensors"
         try:
-            save_prompt_cache(tmp, self.cache, meta)
-            os.replace(tmp, path)
-        except (OSError, RuntimeError, ValueError) as e:  # MLX reports a missing folder or a full disk as RuntimeError
-            Path(tmp).unlink(missing_ok=True)
-            raise ChatError(f"{path}: cannot write ({getattr(e, 'strerror', None) or one_line(e, 120)}); "
-                            "the conversation is unchanged") from None
+            self._prefill_to_next_input()
+            # "model" and "tokenizer_config": what mlx_lm generate reads from a prompt-cache file
+            meta = dict(tokenizer_config="{}", clsa_mlx_session="1", model_id=self.model_id,
+                        system=self.system or "", messages=json.dumps(self.messages),
+                        documents=json.dumps(self.documents), text_in_cache=self.text_in_cache,
+                        ids=json.dumps(self.ids))
+            if self.model_path is not None:
+                meta["model"] = str(self.model_path)
+            try:
+                save_prompt_cache(tmp, self.cache, meta)
+                os.replace(tmp, path)
+            except (OSError, RuntimeError, ValueError) as e:  # MLX reports a missing folder or a full disk as RuntimeError
+                Path(tmp).unlink(missing_ok=True)
+                raise ChatError(f"{path}: cannot write ({getattr(e, 'strerror', None) or one_line(e, 120)}); "
+                                "the conversation is unchanged") from None
+        except BaseException:
+            self._give_back(mark)
+            raise
         return path
 
     def load(self, path: str):
@@ -286,6 +311,10 @@ class Conversation:
             raise ChatError(f"{path}: no such session file")
         try:
             cache, meta = load_prompt_cache(path, return_metadata=True)
+            if meta.get("clsa_mlx_session") != "1" and "tokenizer_config" in meta:
+                raise ChatError(f"{path}: an mlx_lm.cache_prompt file holds the model's state but not the text "
+                                "it stands for, which the chat needs; continue it with mlx_lm generate "
+                                "--prompt-cache-file, or /file the text here; session unchanged")
             if meta.get("clsa_mlx_session") != "1":
                 raise ValueError("not a clsa-mlx session")
             if meta.get("model_id") != self.model_id:
@@ -323,8 +352,10 @@ class Conversation:
             if (c.keys.shape[:2] != (1, heads) or c.keys.shape[3] != kd or c.values.shape != (1, heads, rows, vd)
                     or not 0 <= c.offset or (not isinstance(c, RotatingKVCache) and c.offset > rows)
                     or (isinstance(c, RotatingKVCache) and not (
-                        # after a prompt chunk mlx-lm keeps the window plus the chunk (rows == _idx)
-                        0 <= c._idx <= rows <= c.offset and (rows <= c.max_size or c._idx == rows) and c.keep == 0))):
+                        # after a prompt chunk mlx-lm keeps the window plus the chunk (rows == _idx);
+                        # one-token steps allocate rows ahead of the offset, up to the window
+                        0 <= c._idx <= min(rows, c.offset) and (rows <= c.max_size or c._idx == rows)
+                        and c.keep == 0))):
                 raise ValueError(f"cache {i}: keys {tuple(c.keys.shape)}, values {tuple(c.values.shape)}, "
                                  f"offset {c.offset} do not fit the model")
         if context_used(self.model, cache) != n_ids:

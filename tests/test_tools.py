@@ -1,6 +1,7 @@
 """mlx-lm's other tools on our models, through their own entry points: LoRA training (with
 adapters below the indexer, where routing must pass no gradient), fuse, adapters at load;
-speculative decoding, trimming and save/load of window caches past the window, max_kv_size."""
+speculative decoding, trimming and save/load of window caches past the window, max_kv_size;
+chat sessions as prompt-cache files (mlx_lm generate continues one, the chat refuses cache_prompt's)."""
 
 import json
 import subprocess
@@ -19,6 +20,8 @@ from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import save_config, save_model
 
 import clsa_mlx
+from clsa_mlx.conversation import ChatError, Conversation, model_identity
+from clsa_mlx.loading import shipped_model
 from clsa_mlx.tiny import byte_tokenizer, make_tiny_folder
 
 PROMPT = "The pass key is"
@@ -184,3 +187,58 @@ def test_max_kv_size_is_refused(speculative):
     assert len(make_prompt_cache(model)) == len(model.make_cache())
     r = run_mlx_lm("generate", "--model", folder, "--prompt", PROMPT, "--max-kv-size", 64)
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("ValueError: CLSA/YOCO models take no max_kv_size")
+
+
+# Chat sessions as mlx-lm prompt-cache files, both ways.
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    (root / "notes.txt").write_text("The value of key bada-ko is 12345.\n" * 20)
+    # a window of 64: a session of one exchange fits in it, one with the document goes past it
+    return make_tiny_folder(root / "m", index_topk=8, sliding_window=64), root / "notes.txt"
+
+
+def conversation(folder):
+    return Conversation(*clsa_mlx.load(folder), model_identity(folder), model_path=folder)
+
+
+@pytest.mark.parametrize("shipped, pending_document", [(False, False), (False, True), (True, False)])
+def test_mlx_lm_generate_continues_a_saved_session_as_the_chat_does(chat_model, tmp_path, shipped, pending_document):
+    # the shipped model's window (256) holds the whole session, which ends in one-token steps
+    # (its `<|user|>` is one token): its window caches hold rows allocated ahead of their offset
+    folder, doc = (shipped_model(), None) if shipped else chat_model
+    conv = conversation(folder)
+    "".join(conv.ask("What is the value of RETRIES?", max_tokens=6))
+    if pending_document:
+        conv.add_document(str(doc))
+    saved = conv.save(str(tmp_path / "s"))
+    # the file names the model folder, so --model may be left out; after a document the chat writes "Question: "
+    question = "What is the value of TIMEOUT?"
+    prompt = f"Question: {question}" if pending_document else question
+    model = () if pending_document else ("--model", folder)
+    out = mlx_lm("generate", *model, "--prompt-cache-file", saved, "--prompt", prompt, "--max-tokens", 12)
+    loaded = conversation(folder)
+    loaded.load(saved)
+    cached = list(loaded.ids)
+    streamed = "".join(loaded.ask(question, max_tokens=12))
+    # mlx_lm generate feeds after the cache the template's text from `<query>` on
+    render = lambda content: conv.tokenizer.apply_chat_template(  # noqa: E731
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    suffix = render(prompt)[render("<query>").index("<query>"):]
+    fed = cached + conv.tokenizer.encode(suffix, add_special_tokens=False)
+    assert loaded.ids[:len(fed)] == fed  # what the chat fed for the same question
+    reply = loaded.messages[-1]["content"]  # the reply's tokens decoded
+    assert reply and out.split("==========")[1] == f"\n{reply}\n"
+    assert "".join(conv.ask(question, max_tokens=12)) == streamed and conv.messages == loaded.messages
+
+
+def test_chat_load_refuses_an_mlx_lm_cache_prompt_file_and_keeps_the_session(chat_model, tmp_path):
+    folder, doc = chat_model
+    mlx_lm("cache_prompt", "--model", folder, "--prompt-cache-file", tmp_path / "p.safetensors",
+           "--prompt", doc.read_text())
+    conv = conversation(folder)
+    "".join(conv.ask("hello", max_tokens=4))
+    before = (conv.used, list(conv.messages))
+    with pytest.raises(ChatError, match="an mlx_lm.cache_prompt file holds the model's state but not the text"):
+        conv.load(str(tmp_path / "p.safetensors"))
+    assert (conv.used, conv.messages) == before
