@@ -228,8 +228,7 @@ class Conversation:
                                      chunk_seconds=self._chunk_seconds(), **sampling):
                 self.last = r
                 generated.append(r.token)
-                if r.finish_reason != "stop":
-                    yield r.text
+                yield r.text  # at the end of turn: what the detokenizer held back, never the EOS token
                 if stop and stop():
                     break
         except BaseException:  # refused, or stopped inside the prefill: as if the question was never asked
