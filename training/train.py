@@ -42,8 +42,8 @@ STAGES = {  # lr, loss weights (lm, kd), sparse forward, trainable
 
 
 class Batches(torch.utils.data.IterableDataset):
-    def __init__(self, data_dir, seq, batch, seed):
-        self.data_dir, self.seq, self.batch, self.seed = data_dir, seq, batch, seed
+    def __init__(self, data_dir, seq, batch, seed, text_share):
+        self.data_dir, self.seq, self.batch, self.seed, self.text_share = data_dir, seq, batch, seed, text_share
 
     def __iter__(self):
         import sentencepiece as spm
@@ -53,7 +53,7 @@ class Batches(torch.utils.data.IterableDataset):
         docs = read_docs(self.data_dir / "docs.jsonl.xz", "train")
         sampler = Sampler(sp, docs, seed=self.seed * 1000 + (info.id if info else 0))
         while True:
-            rows = [sampler.sequence(self.seq + 1) for _ in range(self.batch)]
+            rows = [sampler.sequence(self.seq + 1, self.text_share) for _ in range(self.batch)]
             yield torch.from_numpy(np.stack([r[0] for r in rows])), torch.from_numpy(np.stack([r[1] for r in rows]))
 
 
@@ -82,7 +82,7 @@ def answer_accuracy(model, data_dir, length, n, sparse, dev, seed=1234):
 
 
 def train(args):
-    cfg = STAGES[args.stage]
+    cfg = {**STAGES[args.stage], **({"lr": args.lr} if args.lr else {})}
     dev = torch.device(args.device)
     torch.manual_seed(args.seed)
     if args.init:
@@ -101,7 +101,7 @@ def train(args):
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg["lr"], betas=(0.9, 0.95), eps=1e-8, fused=dev.type == "cuda")
-    loader = torch.utils.data.DataLoader(Batches(args.data, args.seq, args.batch, args.seed), batch_size=None,
+    loader = torch.utils.data.DataLoader(Batches(args.data, args.seq, args.batch, args.seed, args.text_share), batch_size=None,
                                          num_workers=args.workers, prefetch_factor=4 if args.workers else None)
     it = iter(loader)
     log, t0, step = [], time.time(), 0
@@ -174,6 +174,8 @@ def main():
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--lr", type=float, default=0.0, help="peak learning rate instead of the stage's")
+    p.add_argument("--text-share", type=float, default=0.15, help="share of plain-text samples (the rest: chat tasks)")
     p.add_argument("--workers", type=int, default=6)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
