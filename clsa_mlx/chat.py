@@ -189,12 +189,21 @@ def repl(conv: Conversation, gen: dict):
     except ImportError:
         pass
     print(f"[clsa-mlx chat: context limit {conv.limit} tokens; /help for commands, Ctrl-D to quit]")
+    armed = False  # one Ctrl-C at the prompt (say, a moment after a reply ended) keeps the session
     while True:
         try:
             line = read_question(input(">> "))
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print()
             return
+        except KeyboardInterrupt:
+            if armed:
+                print()
+                return
+            print("\n[Ctrl-C again or Ctrl-D to leave]")
+            armed = True
+            continue
+        armed = False
         if line.strip() and not turn(conv, line.strip() if line.startswith("/") else line, gen):
             return
 

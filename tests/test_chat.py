@@ -126,7 +126,16 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(tmp_path):
     c.expect(r"context (\d+)/")
     assert int(c.match.group(1)) == used  # nothing lost, nothing half-written
     c.expect(">> ")
-    c.sendintr()  # Ctrl-C at the prompt leaves cleanly
+    c.sendintr()  # one Ctrl-C at the prompt keeps the session, a second one leaves cleanly
+    c.expect_exact("[Ctrl-C again or Ctrl-D to leave]")
+    c.expect(">> ")
+    c.sendline("/stats")
+    c.expect(r"context (\d+)/")
+    assert int(c.match.group(1)) == used
+    c.expect(">> ")
+    c.sendintr()
+    c.expect_exact("[Ctrl-C again or Ctrl-D to leave]")
+    c.sendintr()
     c.expect(pexpect.EOF)
     c.wait()
     assert c.exitstatus == 0
