@@ -214,6 +214,7 @@ class Conversation:
             for c in self.cache[len(windows):]:
                 c.trim(extra)
             self.cache[: len(windows)] = windows
+        self.model.release(self.cache)  # the rows reserved for what was not added
         self.messages, self.text_in_cache, self.ids = mark["messages"], mark["text"], mark["ids"]
 
     def ask(self, question: str, max_tokens: int = 512, progress=None, stop=None, **sampling):

@@ -455,6 +455,22 @@ class Model(nn.Module):
                 values[..., : c.offset, :] = c.values[..., : c.offset, :]
             c.keys, c.values = keys, values
 
+    def release(self, cache):
+        """Give back the global K/V and index rows past the offset (to mlx-lm's step of 256) that
+        `reserve` took for tokens that never came, e.g. of an interrupted prefill."""
+        for c in cache[len(self.self_decoder.layers):]:
+            size = -(-c.offset // c.step) * c.step
+            if c.keys is None or c.keys.shape[2] <= size:
+                continue
+            if size == 0:
+                c.keys = c.values = None
+                continue
+            keys = mx.zeros((*c.keys.shape[:2], size, c.keys.shape[3]), c.keys.dtype)
+            values = mx.zeros((*c.values.shape[:2], size, c.values.shape[3]), c.values.dtype)
+            keys[..., : c.offset, :] = c.keys[..., : c.offset, :]
+            values[..., : c.offset, :] = c.values[..., : c.offset, :]
+            c.keys, c.values = keys, values
+
     def sanitize(self, weights: dict) -> dict:
         """mlx-lm calls this on a folder's arrays before loading them: every tensor is floating
         point, but a quantized layer's packed weight and (mxfp) scales."""

@@ -261,6 +261,7 @@ def test_ctrl_c_inside_a_document_prefill_leaves_the_conversation_as_it_was(fold
     for c in (conv, alone):
         list(c.ask("hello", max_tokens=4))
     before = (conv.used, list(conv.messages), conv.text_in_cache)
+    held = sum(c.nbytes for c in conv.cache)
 
     def ctrl_c(done, total):
         if done >= 256:
@@ -269,6 +270,7 @@ def test_ctrl_c_inside_a_document_prefill_leaves_the_conversation_as_it_was(fold
     with pytest.raises(KeyboardInterrupt):
         conv.add_document(str(doc), progress=ctrl_c)
     assert conv.documents == [] and (conv.used, list(conv.messages), conv.text_in_cache) == before
+    assert sum(c.nbytes for c in conv.cache) <= held  # the rows reserved for the document are given back
     # the next question is asked as if the interrupted document had never been added
     assert "".join(conv.ask("What does it say?", max_tokens=8)) == "".join(alone.ask("What does it say?", max_tokens=8))
     assert conv.used == len(conv.ids) and "notes.txt" not in conv.text_in_cache  # the cache holds no stale rows
