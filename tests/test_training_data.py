@@ -91,3 +91,59 @@ def test_a_chat_task_is_what_the_chat_feeds_the_model(tmp_path):
             chat.add_document(str(tmp_path / kind / str(j) / name))
         list(chat.ask(qa[0][0], max_tokens=1))
         assert chat.ids[:-1] == ids[: answers[0][0]], kind
+
+
+def test_the_three_stages_train_convert_and_load(tmp_path):
+    """train.py's dense -> warmup -> joint on a tiny model over a few documents (CPU, a step
+    each), then convert.py: the folder's CLSA logits are the trained checkpoint's."""
+    import json
+    import lzma
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(clsa_mlx.shipped_model() / "tokenizer.model", data / "tokenizer.model")
+    with lzma.open(data / "docs.jsonl.xz", "wt") as f:
+        for i, (n, t) in enumerate((("ftp.py", PYTHON), ("p.h", C_HEADER), ("c.txt", TEXT), ("x.txt", "x\n" * 900))):
+            assert part_of(f"stdlib:doc{i}") == "train"
+            f.write(json.dumps(dict(name=n, text=t, group=f"stdlib:doc{i}", facts=facts(n, t))) + "\n")
+    tiny = json.dumps(dict(dim=64, n_layers=2, hidden_dim=128, n_self_heads=2, n_attn_heads=2, n_self_kv_heads=1,
+                           n_attn_kv_heads=1, index_topk=16, index_head_dim=16, vocab_size=4096))
+    init = []
+    for stage in ("dense", "warmup", "joint"):
+        r = subprocess.run([sys.executable, str(root / "training" / "train.py"), "--data", str(data), "--out",
+                            str(tmp_path / stage), "--stage", stage, "--steps", "1", "--seq", "256", "--batch", "1",
+                            "--workers", "0", "--device", "cpu", "--override", tiny, *init],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        init = ["--init", str(tmp_path / stage)]
+    r = subprocess.run([sys.executable, str(root / "convert.py"), "--torch-path", str(tmp_path / "joint"), "--mlx-path",
+                        str(tmp_path / "mlx"), "--dtype", "float32", "--tokenizer", str(clsa_mlx.shipped_model())],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import mlx.core as mx
+    import numpy as np
+    import torch
+
+    from torch_ref.model import load_official
+
+    model, tokenizer = clsa_mlx.load(tmp_path / "mlx")
+    ids = tokenizer.encode("File ftp.py:\n" + PYTHON * 3)[:300]  # past top-k 16: routing selects
+    trained, _ = load_official(tmp_path / "joint")
+    with torch.no_grad():
+        want = trained.float()(torch.tensor([ids]), sparse=True).numpy()
+    got = np.array(model(mx.array([ids])).astype(mx.float32))
+    assert model.args.index_topk == 16 and np.allclose(got, want, atol=1e-3), np.abs(got - want).max()
+
+
+def test_documents_without_facts_still_give_lookup_lessons():
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(clsa_mlx.shipped_model() / "tokenizer.model"))
+    sampler = Sampler(sp, [dict(name="x.txt", text="x\n" * 900, facts=[])], seed=0)
+    ids, weights = sampler.sequence(1000)
+    assert len(ids) == 1000 and weights.max() == 1.0  # synthetic needles stand in: answers are weighted

@@ -95,9 +95,8 @@ class Sampler:
         self.sp, self.docs, self.rng = sp, docs, random.Random(seed)
         self.bos, self.eos = sp.bos_id(), sp.eos_id()
         self.user, self.assistant, self.end = (sp.piece_to_id(s) for s in SPECIALS[1:])
-
-    def facts_of(self, i):
-        return self.docs[i]["facts"]
+        self.kinds = {kind: [i for i, d in enumerate(docs) if any(f[0] == kind for f in d["facts"])]
+                      for kind in lookup.KINDS}
 
     def window(self, text, chars, span=None):
         """-> (start, slice): about `chars` characters of `text` on line boundaries, holding
@@ -141,13 +140,11 @@ class Sampler:
     def lookup_turns(self, chars, kind=None):
         """-> ((name, text) of the target file, [(question, answer)], kind, words the other
         files must not hold)."""
-        for _ in range(1000):
-            i = self.rng.randrange(len(self.docs))
-            found = self.facts_of(i)
-            if found and (kind is None or any(f[0] == kind for f in found)):
-                break
-        d = self.docs[i]
-        kind = kind or self.rng.choice(sorted({f[0] for f in found}))
+        kind = kind or self.rng.choice([k for k in lookup.KINDS if self.kinds[k]] or ["kv"])
+        if not self.kinds.get(kind):  # no document holds a fact of this kind
+            return self.synthetic_turns(chars, "kv")
+        i = self.rng.choice(self.kinds[kind])
+        d, found = self.docs[i], self.docs[i]["facts"]
         first = self.rng.choice([f for f in found if f[0] == kind])
         start, text = self.window(d["text"], chars, span=(first[3], first[3] + len(first[2])))
         inside = [f for f in found if f is not first and start <= f[3] and f[3] + len(f[2]) <= start + len(text)]
