@@ -144,6 +144,7 @@ def test_documents_without_facts_still_give_lookup_lessons():
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(clsa_mlx.shipped_model() / "tokenizer.model"))
-    sampler = Sampler(sp, [dict(name="x.txt", text="x\n" * 900, facts=[])], seed=0)
-    ids, weights = sampler.sequence(1000)
-    assert len(ids) == 1000 and weights.max() == 1.0  # synthetic needles stand in: answers are weighted
+    text = "the routing picks the top keys once per token\n" * 60
+    sampler = Sampler(sp, [dict(name="x.txt", text=text, facts=[])], seed=0)
+    ids, weights = sampler.sequence(4000)
+    assert len(ids) == 4000 and weights.max() == 1.0  # synthetic needles stand in: answers are weighted
