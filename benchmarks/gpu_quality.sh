@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # After training/gpu_train.sh, on the same box with MLX CUDA installed: convert both models with
-# the project's convert.py (the shipped one 8-bit, and fp16 too; the small one fp16), evaluate
+# the project's convert.py (the larger one 8-bit, and fp16 too; the small one fp16), evaluate
 # them through the chat's path to 64K (two processes at once), pack what comes back.
 #   bash benchmarks/gpu_quality.sh /tmp/run /tmp/data
 #   -> $OUT/quality_{big8,small16}.png, $OUT/shipped.tar.* (the 8-bit folder), $OUT/results.tar.gz

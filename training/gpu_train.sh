@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The shipped model's GPU run on one H200: dense -> warmup -> joint for two models at once, the
-# shipped one (GPU_CONFIG, 8-bit: ~22M parameters) and an fp16 one of the same bytes (~12M), so
+# Version 2's GPU run on one H200: dense -> warmup -> joint for two models at once, one to ship
+# in 8 bits (GPU_CONFIG: ~22M parameters) and an fp16 one of the same bytes (~12M), so
 # the two can be compared. Detach it (setsid) and poll: it outlasts one device call.
 #   carry .train/box (training/prepare.py's folder)
 #   setsid bash training/gpu_train.sh .train/box /tmp/run DENSE_MINUTES > /tmp/run.log 2>&1 &
