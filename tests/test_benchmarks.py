@@ -142,3 +142,32 @@ def test_shard_bytes_halves_what_each_rank_holds():
     assert two["allreduces_per_token"] == 2 * c["n_layers"] and one["allreduces_per_token"] == 0
     llama_two = per_rank("transformer", c, 0, 2, [64])
     assert llama_two["cache_bytes_per_token"] == c["n_layers"] * 2 * c["kv_heads"] // 2 * hd * 2
+
+
+def test_eval_quality_micro(tmp_path, monkeypatch):
+    """Lookups through Conversation, dense twin and CLSA, perplexity, coverage, JSON and PNG:
+    on the shipped model over a few documents (the GPU run is the one that counts)."""
+    import lzma
+    import sys
+
+    import clsa_mlx
+    from benchmarks import eval_quality
+    from training.data import part_of
+    from training.facts import facts
+
+    group = next(f"stdlib:m{i}" for i in range(100) if part_of(f"stdlib:m{i}") == "heldout")
+    text = "".join(f"VALUE_{i} = {i * 7}\n# the routing picks the top keys once per token\n" for i in range(60))
+    (tmp_path / "data").mkdir()
+    with lzma.open(tmp_path / "data" / "docs.jsonl.xz", "wt") as f:
+        f.write(json.dumps(dict(name="consts.py", text=text, group=group, facts=facts("consts.py", text))) + "\n")
+    monkeypatch.setattr(sys, "argv", ["eval_quality.py", "--model", str(clsa_mlx.shipped_model()), "--data",
+                                      str(tmp_path / "data"), "--lengths", "300", "--samples", "1", "--kinds", "value",
+                                      "kv", "--ppl-length", "64", "--ppl-windows", "1", "--coverage-length", "300",
+                                      "--out-dir", str(tmp_path / "out")])
+    eval_quality.main()
+    results = json.loads((tmp_path / "out" / "quality.json").read_text())
+    row = results["lookups"]["300"]
+    assert set(row) == {"value", "kv"} and {"dense", "clsa"} <= set(row["value"])
+    assert row["kv"]["clsa"]["n"] == 1 and 0 <= row["kv"]["clsa"]["exact"] <= 1
+    assert results["perplexity"]["clsa"] > 1 and 0 < results["coverage"] <= 1
+    assert (tmp_path / "out" / "quality.png").stat().st_size > 1000
