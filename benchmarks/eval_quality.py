@@ -122,6 +122,8 @@ def plot(results, path):
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for name, style in (("dense", "--"), ("clsa", "-")):
         for group, members in (("real-document lookups", KINDS), ("synthetic needles", SYNTHETIC)):
+            if not set(members) & set(kinds):
+                continue
             ys = [np.mean([results["lookups"][str(n)][k][name]["exact"] for k in members if k in kinds]) for n in lengths]
             axes[0].plot(lengths, [100 * y for y in ys], "o" + style, label=f"{name}: {group}")
     axes[0].set(xscale="log", xlabel="context tokens", ylabel="exact answers (%)", ylim=(0, 102),
