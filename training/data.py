@@ -148,7 +148,7 @@ class Sampler:
         first = self.rng.choice([f for f in found if f[0] == kind])
         start, text = self.window(d["text"], chars, span=(first[3], first[3] + len(first[2])))
         inside = [f for f in found if f is not first and start <= f[3] and f[3] + len(f[2]) <= start + len(text)]
-        chosen = [first] + self.rng.sample(inside, k=min(len(inside), self.rng.choice([0, 0, 1, 1, 2, 3])))
+        chosen = [first] + self.rng.sample(inside, k=min(len(inside), self.rng.choice([0, 1, 2, 3, 4, 6])))
         subjects = [self.subject(f, found) for f in chosen]
         qa = [(lookup.question(self.rng, f[0], s), f[2]) for f, s in zip(chosen, subjects)]
         avoid = [s if f[0] == "mention" else s.split(" ")[0].rsplit(".", 1)[-1] for f, s in zip(chosen, subjects)]
