@@ -82,9 +82,13 @@ def reply(conv: Conversation, question: str, out=sys.stdout, **gen):
         for piece in conv.ask(question, progress=prefill_progress, stop=stop, **gen):
             print(piece, end="", file=out, flush=True)
     print(file=out)
-    if conv.dropped:
-        print(f"[dropped the {conv.dropped} oldest turn(s) to fit the context]", file=out)
+    say_dropped(conv, out)
     return stop.stopped
+
+
+def say_dropped(conv: Conversation, out=sys.stdout):
+    if conv.dropped:  # --drop-oldest made room
+        print(f"[dropped the {conv.dropped} oldest turn(s) to fit the context]", file=out)
 
 
 def _cut(text: str, n: int = 70) -> str:
@@ -115,14 +119,12 @@ def command(conv: Conversation, line: str) -> bool:
         raise ChatError(f"{name} needs a path")
     elif name == "/file":
         n = conv.add_document(arg, progress=Progress())
-        if conv.dropped:
-            print(f"[dropped the {conv.dropped} oldest turn(s) to fit the context]")
+        say_dropped(conv)
         how = "from the document cache" if conv.reused else "added"
         print(f"[{conv.document_names()[-1]}: {n} tokens {how}; context {conv.used}/{conv.limit}]")
     elif name == "/save":
         saved = conv.save(arg)
-        if conv.dropped:
-            print(f"[dropped the {conv.dropped} oldest turn(s) to fit the context]")
+        say_dropped(conv)
         print(f"[saved {saved}: {conv.used} tokens]")
     elif name == "/load":
         conv.load(arg)

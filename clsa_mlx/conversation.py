@@ -111,6 +111,11 @@ class Conversation:
             head + self.messages + [{"role": "user", "content": user_content}],
             tokenize=False, add_generation_prompt=True)
 
+    def _rendered_before(self, content: str) -> str:
+        """The rendered conversation up to the end of `content`, the start of a new user message."""
+        full = self._render(content + SENTINEL)
+        return full[:full.index(SENTINEL)]
+
     def _content(self, question: str) -> str:
         """A question about documents reads as the model was trained on: the documents, then
         `Question: ...`; follow-ups (documents already in earlier turns) as `Question: ...` alone."""
@@ -171,13 +176,9 @@ class Conversation:
         text = read_document(path)
         self.documents.append(f"File {path.name}:\n{text}")
 
-        def prefix():  # the conversation up to the end of the documents
-            full = self._render("\n\n".join(self.documents) + SENTINEL)
-            return full[:full.index(SENTINEL)]
-
         mark = self._mark()
-        try:
-            prefix, ids = self._fit(prefix, reserve=0)
+        try:  # the conversation up to the end of the documents
+            prefix, ids = self._fit(lambda: self._rendered_before("\n\n".join(self.documents)), reserve=0)
             # kept only for a conversation's start: the case that repeats, and fewer writes to the disk
             keep = self.prefixes if not self.messages else None
             hit = keep.get(prefix, self._check_cache) if keep else None
@@ -266,12 +267,8 @@ class Conversation:
         """Prefills up to where the next user text goes: past the pending documents and their
         separator, or the next user turn's header. mlx_lm generate appends only the text from
         the chat template's `<query>` on, so a saved cache must already hold what comes before."""
-
-        def prefix():
-            full = self._render("\n\n".join(self.documents + [SENTINEL]))
-            return full[:full.index(SENTINEL)]
-
-        prefix, ids = self._fit(prefix, reserve=0)
+        pending = "".join(d + "\n\n" for d in self.documents)
+        prefix, ids = self._fit(lambda: self._rendered_before(pending), reserve=0)
         if ids:
             self._prefill(ids)
         self.text_in_cache, self.ids = prefix, self.ids + ids

@@ -337,6 +337,16 @@ class CrossDecoder(nn.Module):
         self.n_kv_heads //= group.size()
 
 
+def _resize(c, B, heads, size, kd, vd, dtype):
+    """A global cache's buffers as `size` rows, its first `c.offset` copied (new buffers, so
+    the old ones are freed)."""
+    keys, values = mx.zeros((B, heads, size, kd), dtype), mx.zeros((B, heads, size, vd), dtype)
+    if c.offset:
+        keys[..., : c.offset, :] = c.keys[..., : c.offset, :]
+        values[..., : c.offset, :] = c.values[..., : c.offset, :]
+    c.keys, c.values = keys, values
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -448,12 +458,7 @@ class Model(nn.Module):
             size = -(-(c.offset + n_tokens) // c.step) * c.step
             if c.keys is not None and c.keys.shape[2] >= size:
                 continue
-            B = batch_size if c.keys is None else c.keys.shape[0]
-            keys, values = mx.zeros((B, heads, size, kd), dtype), mx.zeros((B, heads, size, vd), dtype)
-            if c.offset:
-                keys[..., : c.offset, :] = c.keys[..., : c.offset, :]
-                values[..., : c.offset, :] = c.values[..., : c.offset, :]
-            c.keys, c.values = keys, values
+            _resize(c, batch_size if c.keys is None else c.keys.shape[0], heads, size, kd, vd, dtype)
 
     def release(self, cache):
         """Give back the global K/V and index rows past the offset (to mlx-lm's step of 256) that
@@ -465,11 +470,8 @@ class Model(nn.Module):
             if size == 0:
                 c.keys = c.values = None
                 continue
-            keys = mx.zeros((*c.keys.shape[:2], size, c.keys.shape[3]), c.keys.dtype)
-            values = mx.zeros((*c.values.shape[:2], size, c.values.shape[3]), c.values.dtype)
-            keys[..., : c.offset, :] = c.keys[..., : c.offset, :]
-            values[..., : c.offset, :] = c.values[..., : c.offset, :]
-            c.keys, c.values = keys, values
+            B, heads, _, kd = c.keys.shape
+            _resize(c, B, heads, size, kd, c.values.shape[3], c.keys.dtype)
 
     def sanitize(self, weights: dict) -> dict:
         """mlx-lm calls this on a folder's arrays before loading them: every tensor is floating

@@ -168,6 +168,7 @@ def test_eval_quality_micro(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "out" / "quality.json").read_text())
     row = results["lookups"]["300"]
     assert set(row) == {"value", "kv"} and {"dense", "clsa"} <= set(row["value"])
-    assert row["kv"]["clsa"]["n"] == 1 and 0 <= row["kv"]["clsa"]["exact"] <= 1
+    assert row["kv"]["clsa"]["n"] == 1 and row["kv"]["examples"][0]["question"].startswith("What is the value of key")
+    assert row["value"]["examples"][0]["answer"] in text  # a lookup quotes the held-out document
     assert results["perplexity"]["clsa"] > 1 and 0 < results["coverage"] <= 1
     assert (tmp_path / "out" / "quality.png").stat().st_size > 1000
