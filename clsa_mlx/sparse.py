@@ -20,8 +20,19 @@ def index_scores(q_idx: mx.array, k_idx: mx.array) -> mx.array:
     return q_idx.astype(mx.float32) @ k_idx.astype(mx.float32).swapaxes(-1, -2)
 
 
+def score_keys(scores: mx.array) -> mx.array:
+    """fp32 scores as int32 keys in the order the kernels select on (metal/common.h
+    `score_key`, less 2^31): a > b <=> key(a) > key(b); -0 ties +0; every NaN is the
+    lowest key, below -inf (which NaN a sum gives depends on the hardware)."""
+    i = scores.view(mx.int32)
+    lowest = -(2**31)  # the bits of -0, and the key of every NaN
+    key = mx.where(i == lowest, 0, i ^ ((i >> 31) & 0x7FFFFFFF))
+    return mx.where((i & 0x7FFFFFFF) > 0x7F800000, lowest, key)
+
+
 def route_ref(q_idx: mx.array, k_idx: mx.array, k: int, offset: int, start=None) -> mx.array:
-    """Exact causal top-k per query row; ties go to the lower position; never below start."""
+    """Exact causal top-k per query row; ties go to the lower position; never below start;
+    NaN scores rank below every other (`score_keys`)."""
     if k < 1:
         raise ValueError(f"routing needs k >= 1, got {k}")
     B, L, _ = q_idx.shape
@@ -30,13 +41,13 @@ def route_ref(q_idx: mx.array, k_idx: mx.array, k: int, offset: int, start=None)
     visible = pos[None, None] <= (offset + mx.arange(L))[None, :, None]
     if start is not None:
         visible = visible & (pos[None, None] >= start[:, None, None])
-    scores = mx.where(visible, index_scores(q_idx, k_idx), -mx.inf)
-    # Threshold select: all scores above the k-th largest, then the lowest-position ties.
-    kth = mx.topk(scores, min(k, T), axis=-1).min(axis=-1, keepdims=True)
-    above = scores > kth
-    tie = scores == kth
+    keys = mx.where(visible, score_keys(index_scores(q_idx, k_idx)), -(2**31))
+    # Threshold select: all keys above the k-th largest, then the lowest-position ties.
+    kth = mx.topk(keys, min(k, T), axis=-1).min(axis=-1, keepdims=True)
+    above = visible & (keys > kth)
+    tie = visible & (keys == kth)
     need = min(k, T) - above.sum(axis=-1, keepdims=True)
-    take = visible & (above | (tie & (mx.cumsum(tie, axis=-1) <= need)))
+    take = above | (tie & (mx.cumsum(tie, axis=-1) <= need))
     slot = mx.where(take, mx.cumsum(take, axis=-1) - 1, k)
     out = mx.full((B, L, k + 1), -1, dtype=mx.int32)
     out = mx.put_along_axis(out, slot, mx.broadcast_to(pos.astype(mx.int32), slot.shape), axis=-1)

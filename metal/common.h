@@ -2,10 +2,13 @@
 // after dialect_metal.h or dialect_cuda.h.
 
 // Order-preserving map of an fp32 score to uint32: a > b  <=>  key(a) > key(b).
-// -0.0 and +0.0 map to the same key, so they tie like they compare.
+// -0.0 and +0.0 map to the same key, so they tie like they compare. Every NaN maps to 0,
+// below -inf: which NaN a sum yields depends on the hardware and the order of the sum.
+// Bit tests, not f != f, which fast math may fold away.
 FN uint score_key(float f) {
   uint u = AS_UINT(f);
   if (u == 0x80000000u) u = 0u;
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

@@ -44,6 +44,19 @@ def test_route_kernel_with_start_exact(dtype, L, T, k):
     np.testing.assert_array_equal(np.array(got), np.array(sparse.route_ref(q, kk, k, T - L, start)))
 
 
+@pytest.mark.parametrize("L", [1, 6])
+def test_route_kernel_special_scores(L):
+    # NaN (both signs, and from inf - inf), +-inf and -0 order as in route_ref on every backend.
+    B, T = 2, 600
+    kk = ints((B, T, 4), mx.float32, 7)
+    for t, v in {5: float("nan"), 7: float("inf"), 9: -float("inf"), 11: -0.0, 300: -float("nan")}.items():
+        kk[:, t] = mx.array([v] * 4)
+    q = mx.concatenate([mx.ones((B, L, 2)), -mx.ones((B, L, 2))], axis=-1)
+    for k in (1, 4, 64):
+        got = sparse.route(q, kk, k, T - L, mx.array([0, 4]))
+        np.testing.assert_array_equal(np.array(got), np.array(sparse.route_ref(q, kk, k, T - L, mx.array([0, 4]))))
+
+
 def test_select_kv_kernel_with_start():
     B, H, T, hd, k = 3, 2, 700, 64, 256
     start = mx.array([0, 600, 699])
