@@ -3,7 +3,7 @@
     python benchmarks/bench_kernels.py [--out-dir DIR] [--T 8192,32768,...] [--iters 20]
 
 Decode routing (B=1, one query row, d_idx=128, k=2048, bf16):
-  kernel            clsa_mlx.kernels.route (radix select, 6 launches)
+  kernel            clsa_mlx.kernels.route (radix select, 5 launches)
   argpartition      scores matmul + mx.argpartition + mx.sort of the k indices
   topk_ref          clsa_mlx.sparse.route_ref (mx.topk threshold + cumsum compaction)
 select_kv (routing + gather of K/V rows, Hkv=8, hd=128): kernel vs argpartition + take.

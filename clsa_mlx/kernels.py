@@ -20,10 +20,9 @@ import mlx.core as mx
 # Radix select: 8-bit digits, 4 levels over the 32-bit order-preserving score key.
 _TG = 256  # threads per group of the routing passes (one per histogram bin)
 _TG_SCORE = 512  # threads per group of the scoring pass (more loads in flight)
-_MAX_CHUNKS = 256  # chunks per row (the select pass scans them in one group of _TG threads)
+_MAX_CHUNKS = 256  # chunks per row (each write group sums the counts of the chunks before it)
 _FUSED_MAX_L = 4  # up to this many query rows score inside the kernel; more use a matmul
 _SHARED_BYTES = 28 * 1024  # threadgroup memory budget (Metal allows 32 KB)
-assert _MAX_CHUNKS <= _TG  # route_select scans a row's chunks with one thread each
 
 
 def _find_sources() -> Path:
@@ -44,8 +43,7 @@ KERNELS = {
     "route_score": ("route_score.inc", ["q", "kidx", "prm", "start"], ["work"]),
     "route_hist0": ("route_hist0.inc", ["scores", "prm", "start"], ["work"]),
     "route_hist": ("route_hist.inc", ["sw", "prm", "start", "prev"], ["work"]),
-    "route_select": ("route_select.inc", ["lw", "prm"], ["st", "abase", "tbase"]),
-    "route_write": ("route_write.inc", ["sw", "prm", "start", "st", "abase", "tbase"], ["idx"]),
+    "route_write": ("route_write.inc", ["sw", "prm", "start", "lw"], ["idx"]),
     "gather_kv": ("gather_kv.inc", ["idx", "keys", "values", "prm"], ["ks", "vs"]),
     "sparse_attention": (
         "sparse_attention.inc",
@@ -135,11 +133,11 @@ def _no_padding(B: int) -> mx.array:
 def _route_rows(q_idx, k_idx, k: int, offset: int, be: str, start):
     """Exact causal top-k (same contract as `sparse.route_ref`) by a 4-level radix
     select (8-bit digits of an order-preserving key of the fp32 score) split over many
-    threadgroups, in 6 launches: score keys + top-digit histogram; three passes that each
-    pick one digit and histogram the next; a final select that also scans the per-chunk
-    counts; an ordered write. Each histogram pass also adds its chunk into the row's
-    total (device atomics), so the next pass reads 256 totals, not every chunk's
-    histogram; that needs a zeroed output, so each such pass has one packed output
+    threadgroups, in 5 launches: score keys + top-digit histogram; three passes that each
+    pick one digit and histogram the next; a write pass that picks the last digit, sums
+    the earlier chunks' counts and writes in order. Each histogram pass also adds its chunk
+    into the row's total (device atomics), so the next pass reads 256 totals, not every
+    chunk's histogram; that needs a zeroed output, so each such pass has one packed output
     (layouts in metal/common.h) and MLX zeroes it."""
     B, L, D = q_idx.shape
     T = k_idx.shape[1]
@@ -177,15 +175,8 @@ def _route_rows(q_idx, k_idx, k: int, offset: int, be: str, start):
             output_dtypes=[mx.uint32],
             init_value=0,
         )
-    st, abase, tbase = _kernel(be, "route_select")(
-        inputs=[work, prm],
-        grid=(_TG * R, 1, 1),
-        threadgroup=(_TG, 1, 1),
-        output_shapes=[(R, 4), (R, C), (R, C)],
-        output_dtypes=[mx.uint32] * 3,
-    )
     (idx,) = _kernel(be, "route_write")(
-        inputs=[sw, prm, start, st, abase, tbase],
+        inputs=[sw, prm, start, work],
         template=[("TG", _TG)],
         grid=grid,
         threadgroup=tg,

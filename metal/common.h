@@ -35,8 +35,9 @@ FN uint block_excl_scan(uint v, uint lane, uint warp, SHARED_PTR(uint) ws) {
 
 // Row layouts of the routing work buffers (uint32, zeroed by MLX before each pass):
 // score work [R, score_row]: the T score keys, C chunk histograms of the top digit, the
-// row's total histogram; level work [R, level_row]: C chunk histograms of the next digit,
-// the total, the state (prefix, remaining k, 0, 0), and each chunk's count of keys above.
+// row's total histogram; level work [R, level_row]: C chunk histograms of the next digit
+// (at the last level: per digit, the chunk's keys at or above it), the row's total, the
+// state (prefix, remaining k, 0, 0), and each chunk's count of keys above.
 FN size_t score_row(int T, int C) { return (size_t)T + (size_t)(C + 1) * 256; }
 FN size_t level_row(int C) { return (size_t)(C + 1) * 256 + 4 + (size_t)C; }
 

@@ -55,7 +55,7 @@ def unit(name, in_dtypes, out_dtypes, template) -> str:
     ]:
         ty = f"{const}{TYPES[dt]}"
         args.append(f"simt::Ptr<{ty}> {nm}")
-        unpack.append(f'simt::Ptr<{ty}>{{({ty}*)b[{n}], ({ty}*)b[{n}], sizes[{n}], "{nm}"}}')
+        unpack.append(f'simt::Ptr<{ty}>{{({ty}*)b[{n}], ({ty}*)b[{n}], sizes[{n}], "{nm}", &counts[{n}]}}')
         n += 1
         if const and f"{nm}_strides" in body:
             args.append(f"const int64_t* {nm}_strides")
@@ -68,7 +68,7 @@ def unit(name, in_dtypes, out_dtypes, template) -> str:
     return (
         f'#include "simt.h"\n{(SHIMS / "dialect_simt.h").read_text()}\n{(SOURCES / "common.h").read_text()}\n'
         f"static void kernel({', '.join(args)}) {{\n{consts}{body}\n}}\n"
-        'extern "C" int launch(void** b, const int64_t* sizes, const unsigned* groups, int tg, unsigned seed, char* err, int n) {\n'
+        'extern "C" int launch(void** b, const int64_t* sizes, int64_t* counts, const unsigned* groups, int tg, unsigned seed, char* err, int n) {\n'
         f"  std::string e = simt::launch(groups, tg, seed, [&] {{ kernel({', '.join(unpack)}); }});\n"
         "  std::snprintf(err, n, \"%s\", e.c_str());\n  return e.empty() ? 0 : 1;\n}\n"
     )
@@ -76,7 +76,8 @@ def unit(name, in_dtypes, out_dtypes, template) -> str:
 
 def build(src: str) -> ctypes.CDLL:
     BUILD.mkdir(exist_ok=True)
-    lib = BUILD / f"{hashlib.sha256(src.encode()).hexdigest()[:20]}.so"
+    digest = hashlib.sha256((src + (SHIMS / "simt.h").read_text()).encode()).hexdigest()
+    lib = BUILD / f"{digest[:20]}.so"
     if not lib.exists():
         cpp = lib.with_suffix(".cpp")
         cpp.write_text(src)
@@ -109,6 +110,7 @@ class Kernel:
         self.name = name
         self.libs = {}
         self.launches = 0
+        self.bytes = {}  # buffer name -> bytes read or written, over all launches
         body = _body(name)
         self.strided = [f"{nm}_strides" in body for nm in kernels.KERNELS[name][1]]
 
@@ -120,17 +122,20 @@ class Kernel:
             self.libs[key] = build(unit(self.name, key[0], outs, template))
         if threadgroup[1:] != (1, 1) or grid[0] % threadgroup[0]:
             raise ValueError(f"simt: grid {grid} is not whole groups of {threadgroup}")
-        keep, ptrs, sizes = [], [], []
-        for strided, a in zip(self.strided, inputs):
+        keep, ptrs, sizes, names = [], [], [], []
+        in_names, out_names = kernels.KERNELS[self.name][1:]
+        for nm, strided, a in zip(in_names, self.strided, inputs):
             v, strides, span = _host(a)
             keep += [v, strides, a]
             ptrs.append(v.ctypes.data)
             sizes.append(span)
+            names.append((nm, v.itemsize))
             if strided:
                 ptrs.append(strides.ctypes.data)
                 sizes.append(0)
+                names.append((None, 0))
         results = []
-        for shape, dt in zip(output_shapes, outs):
+        for nm, shape, dt in zip(out_names, output_shapes, outs):
             o = np.empty(shape, NUMPY[dt])
             if init_value is None:
                 o.view(np.uint8)[...] = POISON
@@ -139,13 +144,18 @@ class Kernel:
             results.append(o)
             ptrs.append(o.ctypes.data)
             sizes.append(o.size)
+            names.append((nm, o.itemsize))
         groups = (ctypes.c_uint * 3)(grid[0] // threadgroup[0], grid[1], grid[2])
         err = ctypes.create_string_buffer(300)
         argv = (ctypes.c_void_p * len(ptrs))(*ptrs)
         spans = (ctypes.c_int64 * len(sizes))(*sizes)
-        if self.libs[key].launch(argv, spans, groups, threadgroup[0], next(_seeds), err, len(err)):
+        counts = (ctypes.c_int64 * len(sizes))()
+        if self.libs[key].launch(argv, spans, counts, groups, threadgroup[0], next(_seeds), err, len(err)):
             raise RuntimeError(f"simt {self.name}: {err.value.decode()}")
         self.launches += 1
+        for (nm, size), n in zip(names, counts):
+            if nm:
+                self.bytes[nm] = self.bytes.get(nm, 0) + n * size
         return [
             mx.array(o).view(mx.bfloat16) if dt == "bfloat16" else mx.array(o) for o, dt in zip(results, outs)
         ]

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import bench_batch, bench_models, summarize_models
 
 
@@ -172,3 +174,16 @@ def test_eval_quality_micro(tmp_path, monkeypatch):
     assert row["value"]["examples"][0]["answer"] in text  # a lookup quotes the held-out document
     assert results["perplexity"]["clsa"] > 1 and 0 < results["coverage"] <= 1
     assert (tmp_path / "out" / "quality.png").stat().st_size > 1000
+
+
+def test_routing_bytes_counts_what_the_emulated_kernels_access():
+    # The counted model of a decode token's routing traffic against the same routing run on
+    # the SIMT emulator, which counts each element its launches touch.
+    import simt
+    from benchmarks import routing_bytes
+
+    if simt.compiler() is None:
+        pytest.skip("no C++ compiler")
+    for T, D, k in ((8192, 32, 256), (20000, 128, 2048)):
+        counted = sum(routing_bytes.routing_bytes(T, D, k).values())
+        assert abs(routing_bytes.emulated_bytes(T, D, k) / counted - 1) < 0.1

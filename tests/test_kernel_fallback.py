@@ -85,7 +85,7 @@ def test_build_error_falls_back_with_one_line_per_instantiation(monkeypatch, cap
 
 def test_thread_limit_error_in_one_launch_names_it(monkeypatch, caplog):
     want = reference_logits(monkeypatch)
-    fake_kernels(monkeypatch, lambda name: raising(ValueError(THREAD_ERROR)) if name == "route_select" else zeros)
+    fake_kernels(monkeypatch, lambda name: raising(ValueError(THREAD_ERROR)) if name == "route_write" else zeros)
     with caplog.at_level(logging.WARNING, logger="clsa_mlx"):
         assert_same(run_model(), want)
     lines = warnings_of(caplog)

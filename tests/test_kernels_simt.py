@@ -171,10 +171,10 @@ def test_model_through_the_kernels_equals_the_references():
 # stops at a barrier or SIMD operation not every thread reaches, or at an index out of bounds.
 MUTANTS = {
     "scan without its first barrier": ("common.h", "ws[warp] = x + v;\n  BARRIER();", "ws[warp] = x + v;"),
-    "histogram read before the barrier": ("route_hist.inc", "  }\n  BARRIER();\n  flush_hist", "  }\n  flush_hist"),
+    "histogram read before the barrier": ("route_hist.inc", "  }\n  BARRIER();\n  if (LEVEL", "  }\n  if (LEVEL"),
     "barrier in a branch": ("route_write.inc", "      out[ca + (ex >> 16)", "      BARRIER();\n      out[ca + (ex >> 16)"),
     "padding one slot too far": ("route_write.inc", "s < k; s += TG) out[s] = -1;", "s <= k; s += TG) out[s] = -1;"),
-    "SIMD sum in some lanes": ("route_select.inc", "a = (uint)SIMD_SUM((float)a);", "if (lane < 16u) a = (uint)SIMD_SUM((float)a);"),
+    "SIMD sum in some lanes": ("route_score.inc", "= SIMD_SUM(s[u]);", "= lane < 16u ? SIMD_SUM(s[u]) : 0.0f;"),
 }
 
 

@@ -5,8 +5,8 @@
 // launch run in a random order, so a missing barrier or an assumption about group order
 // shows up as a wrong answer. A barrier not reached by every thread of the group, or a
 // SIMD operation not reached by every lane of the warp, or a device buffer read or written
-// out of its bounds (buffers are `Ptr`s that check every index), stops the launch with an
-// error.
+// out of its bounds (buffers are `Ptr`s that check and count every index), stops the launch
+// with an error.
 #pragma once
 #include <ucontext.h>
 
@@ -70,14 +70,16 @@ struct Ptr {
   T* p;
   int64_t n;
   const char* name;
+  int64_t* accesses;  // elements read or written through this buffer in the launch
   T& operator[](int64_t i) const {
     const int64_t j = (p - base) + i;
+    ++*accesses;
     if (j >= 0 && j < n) return p[i];
     out_of_bounds(j);
     static typename std::remove_const<T>::type scratch;
     return scratch;
   }
-  Ptr operator+(int64_t d) const { return {base, p + d, n, name}; }
+  Ptr operator+(int64_t d) const { return {base, p + d, n, name, accesses}; }
   void out_of_bounds(int64_t j) const;
 };
 inline unsigned group(int d) { return L->group[d]; }
