@@ -1,13 +1,14 @@
 """The kernel text of `metal/` run on the CPU by a SIMT emulator (tests/shims/simt.h), so the
 suite checks every kernel against its reference where no GPU is: one C++ unit per
 instantiation (the shared common.h and kernel body, with the emulator's dialect and
-prologue), built once with the system compiler and called through ctypes. `kernel(name)`
-takes and returns what `mx.fast.metal_kernel(...)` objects do; `emulated()` patches
-`clsa_mlx.kernels` so the dispatch, its self-test included, runs on the emulator.
+prologue), built once with the system compiler and called through ctypes. A `Kernel(name)`
+takes and returns what `mx.fast.metal_kernel(...)` objects do, and counts the bytes each
+buffer is read or written; `emulated()` patches `clsa_mlx.kernels` so the dispatch, its
+self-test included, runs on the emulator.
 
-What it proves: the algorithm, the index arithmetic, the barriers (fibers between two
-barriers run in a random order, groups too) and that every thread reaches each barrier.
-What it cannot: GPU memory ordering, compiler quirks, speed."""
+What it proves: the algorithm, the index arithmetic (every device-buffer index is checked),
+the barriers (fibers between two barriers run in a random order, groups too) and that every
+thread reaches each barrier. What it cannot: GPU memory ordering, compiler quirks, speed."""
 
 import contextlib
 import ctypes
@@ -79,9 +80,8 @@ def build(src: str) -> ctypes.CDLL:
     digest = hashlib.sha256((src + (SHIMS / "simt.h").read_text()).encode()).hexdigest()
     lib = BUILD / f"{digest[:20]}.so"
     if not lib.exists():
-        cpp = lib.with_suffix(".cpp")
+        cpp, tmp = lib.with_suffix(f".{os.getpid()}.cpp"), lib.with_suffix(f".{os.getpid()}.tmp")
         cpp.write_text(src)
-        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
         cmd = [compiler(), "-std=c++14", "-O1", "-shared", "-fPIC", f"-I{SHIMS}", "-o", str(tmp), str(cpp)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:

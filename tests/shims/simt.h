@@ -8,6 +8,9 @@
 // out of its bounds (buffers are `Ptr`s that check and count every index), stops the launch
 // with an error.
 #pragma once
+#if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
+#define _XOPEN_SOURCE 600  // macOS keeps ucontext behind it (never run here: no Mac)
+#endif
 #include <ucontext.h>
 
 #include <algorithm>
