@@ -142,7 +142,7 @@ def test_dispatch_and_self_test_use_the_kernels(emulated):
     assert {n for n, kern in emulated.items() if kern.launches} >= set(kernels.KERNELS) - {"route_hist0"}
 
 
-def test_model_through_the_kernels_equals_the_references():
+def test_model_through_the_kernels_equals_the_references(emulated):
     # The shipped shapes' dims (index 32, head 64) in a tiny CLSA model: a prefill long
     # enough to route sparsely, then decode steps with select_kv over the cache.
     from clsa_mlx.model import Model
@@ -155,13 +155,15 @@ def test_model_through_the_kernels_equals_the_references():
     def run():
         cache = model.make_cache()
         out = [model(prompt, cache=cache)[:, -1]]
-        for t in range(3):
+        for _ in range(3):
             out.append(model(mx.argmax(out[-1], axis=-1)[:, None], cache=cache)[:, -1])
         return mx.stack(out).astype(mx.float32)
 
     got = run()
-    with simt.emulated(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernels, "backend", lambda: None)
+    assert all(emulated[n].launches for n in ("route_hist0", "sparse_attention", "route_score", "gather_kv"))
+    assert not sparse.fallbacks()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "backend", lambda: None)  # the references
         want = run()
     assert float(mx.abs(got - want).max()) < 1e-4
 
