@@ -21,10 +21,10 @@ def fresh_verdicts(monkeypatch):
     yield
 
 
-def run_model(seed=0):
+def run_model(seed=0, **overrides):
     """Prefill past k then decode a few tokens; the logits of every step."""
     mx.random.seed(seed)
-    model = Model(tiny_args())
+    model = Model(tiny_args(**overrides))
     cache, outs = model.make_cache(), []
     tokens = mx.random.randint(0, 200, (1, 40), key=mx.random.key(seed))
     outs.append(model(tokens, cache=cache))

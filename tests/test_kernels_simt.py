@@ -143,29 +143,18 @@ def test_dispatch_and_self_test_use_the_kernels(emulated):
 
 
 def test_model_through_the_kernels_equals_the_references(emulated):
-    # The shipped shapes' dims (index 32, head 64) in a tiny CLSA model: a prefill long
-    # enough to route sparsely, then decode steps with select_kv over the cache.
-    from clsa_mlx.model import Model
-    from clsa_mlx.tiny import tiny_args
+    # The shipped model's dims (index 32, head 64, G = 2): a prefill past k, then decode steps.
+    from test_kernel_fallback import run_model
 
-    mx.random.seed(0)
-    model = Model(tiny_args(dim=128, n_attn_heads=2, n_attn_kv_heads=1, index_head_dim=32, index_topk=16))
-    prompt = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, 60)))
-
-    def run():
-        cache = model.make_cache()
-        out = [model(prompt, cache=cache)[:, -1]]
-        for _ in range(3):
-            out.append(model(mx.argmax(out[-1], axis=-1)[:, None], cache=cache)[:, -1])
-        return mx.stack(out).astype(mx.float32)
-
-    got = run()
+    dims = dict(dim=128, n_attn_heads=2, n_attn_kv_heads=1, index_head_dim=32, index_topk=16)
+    got = run_model(**dims)
     assert all(emulated[n].launches for n in ("route_hist0", "sparse_attention", "route_score", "gather_kv"))
     assert not sparse.fallbacks()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "backend", lambda: None)  # the references
-        want = run()
-    assert float(mx.abs(got - want).max()) < 1e-4
+        want = run_model(**dims)
+    for a, b in zip(got, want):
+        assert float(mx.abs(a - b).max()) < 1e-4
 
 
 # The emulator must fail on the bugs it exists to find: each mutant of the kernel text below

@@ -231,6 +231,12 @@ inline unsigned as_uint(float f) {
   return u;
 }
 
+inline float as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 // fp16 and bf16 storage types: round to nearest even on the way in, exact on the way out.
 struct float16_t {
   uint16_t bits;
@@ -256,10 +262,7 @@ struct float16_t {
       float v = std::ldexp((float)m, -24);
       return sign ? -v : v;
     }
-    unsigned u = sign | (e == 31 ? 0x7f800000u | (m << 13) : ((e + 112u) << 23) | (m << 13));
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
+    return as_float(sign | (e == 31 ? 0x7f800000u | (m << 13) : ((e + 112u) << 23) | (m << 13)));
   }
 };
 
@@ -271,12 +274,7 @@ struct bfloat16_t {
     bits = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40u)
                                            : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
   }
-  operator float() const {
-    unsigned u = (unsigned)bits << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
+  operator float() const { return as_float((unsigned)bits << 16); }
 };
 
 }  // namespace simt
