@@ -3,9 +3,11 @@
 #   bash benchmarks/gpu_kernels.sh check   kernel tests against the references (the self-test must pass
 #                                          everywhere: tests/conftest.py fails the run on a fallback),
 #                                          mlx-lm's batch machinery through the kernels, the quick sweep
-#   bash benchmarks/gpu_kernels.sh sweep   the whole kernel-vs-reference sweep (T to 1M, left padding)
-#   bash benchmarks/gpu_kernels.sh bench   bench_kernels.py on this tree and on before_tree/ (an
-#                                          untracked copy of the previous kernels, made for the run)
+#   bash benchmarks/gpu_kernels.sh sweep   the whole kernel-vs-reference sweep (T to 1M, left padding;
+#                                          ONLY=route,select_kv for the routing alone, SWEEP_S its limit)
+#   bash benchmarks/gpu_kernels.sh bench   bench_kernels.py on this tree, on before_tree/ (an untracked
+#                                          copy of the previous kernels, made for the run), then this
+#                                          tree again: the spread between the two "after" runs is the noise
 # -> $OUT/*.log, $OUT/*.json, $OUT/*.png
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -18,10 +20,11 @@ if [ "$1" = check ]; then
   timeout 200 python3 benchmarks/check_kernels_gpu.py --quick \
     --out "$OUT/check_kernels_gpu_quick.json" 2>&1 | tail -40 | tee "$OUT/check_quick.log"
 elif [ "$1" = sweep ]; then
-  timeout 570 python3 benchmarks/check_kernels_gpu.py --out "$OUT/check_kernels_gpu.json" 2>&1 | tail -40 | tee "$OUT/check_sweep.log"
+  timeout "${SWEEP_S:-570}" python3 benchmarks/check_kernels_gpu.py --only "${ONLY:-route,select_kv,sparse_attention}" --out "$OUT/check_kernels_gpu.json" 2>&1 | tail -40 | tee "$OUT/check_sweep.log"
 else
-  mkdir -p "$OUT/before" "$OUT/after"
-  timeout 280 python3 benchmarks/bench_kernels.py --out-dir "$OUT/after" 2>&1 | tail -12 | tee "$OUT/bench_after.log"
-  (cd before_tree && PYTHONPATH=. timeout 280 python3 benchmarks/bench_kernels.py --out-dir "$OUT/before") 2>&1 \
+  mkdir -p "$OUT/before" "$OUT/after" "$OUT/after2"
+  timeout 150 python3 benchmarks/bench_kernels.py --out-dir "$OUT/after" 2>&1 | tail -12 | tee "$OUT/bench_after.log"
+  (cd before_tree && PYTHONPATH=. timeout 150 python3 benchmarks/bench_kernels.py --out-dir "$OUT/before") 2>&1 \
     | tail -12 | tee "$OUT/bench_before.log"
+  timeout 150 python3 benchmarks/bench_kernels.py --out-dir "$OUT/after2" 2>&1 | tail -12 | tee "$OUT/bench_after2.log"
 fi

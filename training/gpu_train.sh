@@ -3,12 +3,12 @@
 # in 8 bits (GPU_CONFIG: ~22M parameters) and an fp16 one of the same bytes (~12M), so
 # the two can be compared. Detach it (setsid) and poll: it outlasts one device call.
 #   carry .train/box (training/prepare.py's folder)
-#   setsid bash training/gpu_train.sh .train/box /tmp/run DENSE_MINUTES > /tmp/run.log 2>&1 &
+#   setsid bash training/gpu_train.sh .train/box /tmp/run DENSE_MINUTES [JOINT_MINUTES] > /tmp/run.log 2>&1 &
 #   -> /tmp/run/{big,small}/{dense,warmup,joint}(.log), then /tmp/run/done
 #   MODELS=small (or big) trains one alone: the 22M one ran 470K tokens/s alone, 220K side by side
 set -eo pipefail
 export PYTHONUNBUFFERED=1
-DATA=$1 RUN=$2 DENSE=${3:-10}
+DATA=$1 RUN=$2 DENSE=${3:-10} JOINT=${4:-2.5}
 MODELS=${MODELS:-big small}
 SMALL='{"dim":256,"hidden_dim":768,"n_self_heads":4,"n_attn_heads":4}'  # no spaces: one word
 
@@ -17,7 +17,7 @@ stages() {  # name, override
   local T="python3 training/train.py --data $DATA --workers 6 --log-every 100 --override $2" R="$RUN/$1"
   $T --stage dense --out "$R/dense" --seq 4096 --batch 16 --minutes "$DENSE" > "$R/dense.log" 2>&1
   $T --stage warmup --init "$R/dense" --out "$R/warmup" --seq 8192 --batch 8 --minutes 1 > "$R/warmup.log" 2>&1
-  $T --stage joint --init "$R/warmup" --out "$R/joint" --seq 8192 --batch 8 --minutes 2.5 \
+  $T --stage joint --init "$R/warmup" --out "$R/joint" --seq 8192 --batch 8 --minutes "$JOINT" \
     --eval-lengths 4096 16384 --eval-samples 24 > "$R/joint.log" 2>&1
 }
 pids=()
