@@ -187,3 +187,23 @@ def test_routing_bytes_counts_what_the_emulated_kernels_access():
     for T, D, k in ((8192, 32, 256), (20000, 128, 2048)):
         counted = sum(routing_bytes.routing_bytes(T, D, k).values())
         assert abs(routing_bytes.emulated_bytes(T, D, k) / counted - 1) < 0.1
+
+
+def test_compare_bench_takes_medians_per_version(tmp_path, monkeypatch):
+    import sys
+
+    from benchmarks import compare_bench
+
+    def run(name, ms):
+        rows = [dict(T=t, route_kernel_ms=m, select_kv_kernel_ms=2 * m) for t, m in zip((8192, 65536), ms)]
+        (tmp_path / name).write_text(json.dumps(dict(rows=rows)))
+        return str(tmp_path / name)
+
+    after = ",".join(run(f"a{i}.json", ms) for i, ms in enumerate(([1.0, 5.0], [3.0, 4.0], [2.0, 9.0])))
+    monkeypatch.setattr(sys, "argv", ["compare_bench.py", "--out", str(tmp_path / "cmp"), f"after={after}",
+                                      f"before={run('b.json', [7.0, 8.0])}"])
+    compare_bench.main()
+    got = json.loads((tmp_path / "cmp.json").read_text())
+    assert got["after"]["runs"] == 3 and got["after"]["route_kernel_ms"] == {"8192": 2.0, "65536": 5.0}
+    assert got["before"]["select_kv_kernel_ms"] == {"8192": 14.0, "65536": 16.0}
+    assert got["after"]["route_kernel_b32_ms"] == {} and (tmp_path / "cmp.png").stat().st_size > 1000

@@ -111,8 +111,9 @@ def test_the_three_stages_train_convert_and_load(tmp_path):
         for i, (n, t) in enumerate((("ftp.py", PYTHON), ("p.h", C_HEADER), ("c.txt", TEXT), ("x.txt", "x\n" * 900))):
             assert part_of(f"stdlib:doc{i}") == "train"
             f.write(json.dumps(dict(name=n, text=t, group=f"stdlib:doc{i}", facts=facts(n, t))) + "\n")
+    vocab = json.loads((clsa_mlx.shipped_model() / "config.json").read_text())["vocab_size"]  # the tokenizer's
     tiny = json.dumps(dict(dim=64, n_layers=2, hidden_dim=128, n_self_heads=2, n_attn_heads=2, n_self_kv_heads=1,
-                           n_attn_kv_heads=1, index_topk=16, index_head_dim=16, vocab_size=4096))
+                           n_attn_kv_heads=1, index_topk=16, index_head_dim=16, vocab_size=vocab))
     init = []
     for stage in ("dense", "warmup", "joint"):
         r = subprocess.run([sys.executable, str(root / "training" / "train.py"), "--data", str(data), "--out",
