@@ -2,13 +2,17 @@
 task's tokens are the tokens the chat feeds the model for the same files and question."""
 
 import random
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import clsa_mlx
 from clsa_mlx.conversation import Conversation
 from training.data import Sampler, part_of
 from training.facts import KINDS, facts, question
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PYTHON = '''"""A module."""
 
@@ -93,17 +97,13 @@ def test_a_chat_task_is_what_the_chat_feeds_the_model(tmp_path):
         assert chat.ids[:-1] == ids[: answers[0][0]], kind
 
 
-def test_the_three_stages_train_convert_and_load(tmp_path):
-    """train.py's dense -> warmup -> joint on a tiny model over a few documents (CPU, a step
-    each), then convert.py: the folder's CLSA logits are the trained checkpoint's."""
+def training_folder(tmp_path):
+    """prepare.py's folder in small: the shipped tokenizer and four documents; with the override
+    for a tiny model of the tokenizer's vocabulary."""
     import json
     import lzma
     import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(clsa_mlx.shipped_model() / "tokenizer.model", data / "tokenizer.model")
@@ -111,34 +111,89 @@ def test_the_three_stages_train_convert_and_load(tmp_path):
         for i, (n, t) in enumerate((("ftp.py", PYTHON), ("p.h", C_HEADER), ("c.txt", TEXT), ("x.txt", "x\n" * 900))):
             assert part_of(f"stdlib:doc{i}") == "train"
             f.write(json.dumps(dict(name=n, text=t, group=f"stdlib:doc{i}", facts=facts(n, t))) + "\n")
-    vocab = json.loads((clsa_mlx.shipped_model() / "config.json").read_text())["vocab_size"]  # the tokenizer's
+    vocab = json.loads((clsa_mlx.shipped_model() / "config.json").read_text())["vocab_size"]
     tiny = json.dumps(dict(dim=64, n_layers=2, hidden_dim=128, n_self_heads=2, n_attn_heads=2, n_self_kv_heads=1,
                            n_attn_kv_heads=1, index_topk=16, index_head_dim=16, vocab_size=vocab))
+    return data, tiny
+
+
+def train_py(data, out, stage, *flags):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(ROOT / "training" / "train.py"), "--data", str(data), "--out", str(out),
+                           "--stage", stage, "--seq", "256", "--batch", "1", "--workers", "0", "--device", "cpu", *flags],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_three_stages_train_convert_and_load(tmp_path):
+    """train.py's dense -> warmup -> joint on a tiny model over a few documents (CPU, a step
+    each), then convert.py: the folder's CLSA logits are the trained checkpoint's."""
+    import subprocess
+    import sys
+
+    data, tiny = training_folder(tmp_path)
     init = []
     for stage in ("dense", "warmup", "joint"):
-        r = subprocess.run([sys.executable, str(root / "training" / "train.py"), "--data", str(data), "--out",
-                            str(tmp_path / stage), "--stage", stage, "--steps", "1", "--seq", "256", "--batch", "1",
-                            "--workers", "0", "--device", "cpu", "--override", tiny, *init],
-                           capture_output=True, text=True, timeout=300)
+        r = train_py(data, tmp_path / stage, stage, "--steps", "1", "--override", tiny, *init)
         assert r.returncode == 0, r.stderr[-2000:]
         init = ["--init", str(tmp_path / stage)]
-    r = subprocess.run([sys.executable, str(root / "convert.py"), "--torch-path", str(tmp_path / "joint"), "--mlx-path",
+    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--torch-path", str(tmp_path / "joint"), "--mlx-path",
                         str(tmp_path / "mlx"), "--dtype", "float32", "--tokenizer", str(clsa_mlx.shipped_model())],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    model, tokenizer = clsa_mlx.load(tmp_path / "mlx")
+    ids = tokenizer.encode("File ftp.py:\n" + PYTHON * 3)[:300]  # past top-k 16: routing selects
+    got, want = mlx_and_torch_logits(tmp_path / "mlx", tmp_path / "joint", ids)
+    assert model.args.index_topk == 16 and np.allclose(got, want, atol=1e-3), np.abs(got - want).max()
+
+
+def mlx_and_torch_logits(folder, checkpoint, ids):
     import mlx.core as mx
-    import numpy as np
     import torch
 
     from torch_ref.model import load_official
 
-    model, tokenizer = clsa_mlx.load(tmp_path / "mlx")
-    ids = tokenizer.encode("File ftp.py:\n" + PYTHON * 3)[:300]  # past top-k 16: routing selects
-    trained, _ = load_official(tmp_path / "joint")
+    model = clsa_mlx.load_model(folder)
+    model.set_dtype(mx.float32)
+    trained, _ = load_official(checkpoint)
     with torch.no_grad():
         want = trained.float()(torch.tensor([ids]), sparse=True).numpy()
-    got = np.array(model(mx.array([ids])).astype(mx.float32))
-    assert model.args.index_topk == 16 and np.allclose(got, want, atol=1e-3), np.abs(got - want).max()
+    return np.array(model(mx.array([ids]))), want
+
+
+def test_the_learning_rate_follows_the_time_budget(tmp_path):
+    """By --minutes the cosine runs on the time spent: near the peak after warm-up, a tenth of it
+    at the end, however slow the first steps (guessed from them, it once ended at 37% of a run)."""
+    import json
+
+    from training.train import lr_at
+
+    assert lr_at(0, 0.0, 1.0, 4) == 0.25 and lr_at(4, 0.0, 1.0, 4) == 1.0
+    assert abs(lr_at(9, 0.5, 1.0, 4) - 0.55) < 1e-12 and abs(lr_at(9, 1.0, 1.0, 4) - 0.1) < 1e-12
+    assert lr_at(9, 3.0, 1.0, 4) == lr_at(9, 1.0, 1.0, 4)
+    data, tiny = training_folder(tmp_path)
+    budget = 4.8  # seconds; two loader workers make the first steps slow, as CUDA's start-up does
+    r = train_py(data, tmp_path / "dense", "dense", "--minutes", str(budget / 60), "--warmup", "1", "--log-every", "1",
+                 "--lr", "1e-3", "--workers", "2", "--override", tiny)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = json.loads((tmp_path / "dense" / "train_dense.json").read_text())["log"][1:]
+    off = [abs(row["lr"] - lr_at(row["step"], row["seconds"] / budget, 1e-3, 1)) for row in log]
+    assert len(log) >= 5 and max(off) < 0.1e-3 and log[-1]["lr"] < 0.2e-3, [(r["seconds"], r["lr"]) for r in log]
+
+
+def test_an_mlx_folder_goes_back_to_its_checkpoint(tmp_path):
+    """training/from_mlx.py on the shipped fp16 folder: the checkpoint it writes (to train on
+    from) gives the folder's logits."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "training" / "from_mlx.py"), str(clsa_mlx.shipped_model()),
+                        str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = clsa_mlx.load(clsa_mlx.shipped_model())[1].encode(PYTHON * 8)[:400]  # past top-k 256
+    got, want = mlx_and_torch_logits(clsa_mlx.shipped_model(), tmp_path / "ckpt", ids)
+    assert np.allclose(got, want, atol=1e-3), np.abs(got - want).max()
 
 
 def test_documents_without_facts_still_give_lookup_lessons():

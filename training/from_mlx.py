@@ -1,5 +1,5 @@
 """An MLX model folder (ours, quantized or not) back to an official checkpoint, to train on from
-it: numpy only, so it runs where MLX does not (the GPU box's torch).
+it: numpy, safetensors and torch, no MLX, so it runs on the GPU box's torch as well as here.
 
   python training/from_mlx.py MLX_FOLDER OUT_FOLDER
 """

@@ -57,10 +57,12 @@ class Batches(torch.utils.data.IterableDataset):
             yield torch.from_numpy(np.stack([r[0] for r in rows])), torch.from_numpy(np.stack([r[1] for r in rows]))
 
 
-def lr_at(step, total, peak, warmup):
+def lr_at(step, progress, peak, warmup):
+    """Linear warm-up over `warmup` steps, then a cosine to a tenth of the peak as `progress` (the
+    share of the step or time budget spent, 0 to 1) runs out."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @torch.no_grad()
@@ -106,15 +108,15 @@ def train(args):
     it = iter(loader)
     log, t0, step = [], time.time(), 0
     budget = args.minutes * 60
-    est_total = args.steps or 10**9
     while True:
         elapsed = time.time() - t0
         if (args.steps and step >= args.steps) or (not args.steps and elapsed > budget):
             break
-        if not args.steps and step == 20:  # estimate the schedule length from the first steps
-            est_total = int(budget / (elapsed / 20))
+        # By time, not by a step count guessed from the first steps: those include the start-up
+        # (CUDA, workers), which once ended the cosine at a third of the run.
+        progress = step / args.steps if args.steps else elapsed / budget
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, est_total, cfg["lr"], args.warmup)
+            g["lr"] = lr_at(step, progress, cfg["lr"], args.warmup)
         ids, w = next(it)
         ids, w = ids.to(dev, non_blocking=True).long(), w.to(dev, non_blocking=True)
         x, y, w = ids[:, :-1], ids[:, 1:], w[:, 1:]
