@@ -27,4 +27,5 @@ else
   (cd before_tree && PYTHONPATH=. timeout 150 python3 benchmarks/bench_kernels.py --out-dir "$OUT/before") 2>&1 \
     | tail -12 | tee "$OUT/bench_before.log"
   timeout 150 python3 benchmarks/bench_kernels.py --out-dir "$OUT/after2" 2>&1 | tail -12 | tee "$OUT/bench_after2.log"
+  rm -f "$OUT/before/bench_kernels.png" "$OUT/after2/bench_kernels.png"  # 8 files come back at most
 fi

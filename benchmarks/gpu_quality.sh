@@ -18,6 +18,7 @@ convert() {  # checkpoint, folder, extra flags
 }
 E="timeout ${EVAL_S:-420} python3 benchmarks/eval_quality.py --data $DATA --out-dir $R --lengths 1024 4096 16384 32768 65536"
 SAMPLES=${SAMPLES:-10 10 8 6 4}
+SHIP=
 for m in $MODELS; do
   if [ "$m" = big ]; then
     convert "$RUN/big/joint" /tmp/ship/big8 -q --q-bits 8
