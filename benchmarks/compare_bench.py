@@ -52,12 +52,10 @@ def main():
     ap.add_argument("--out", required=True, help="path without suffix: writes .json and .png")
     ap.add_argument("versions", nargs="+", help="LABEL=run.json,run.json,...")
     args = ap.parse_args()
-    versions = {}
-    for v in args.versions:
-        label, files = v.split("=", 1)
-        versions[label] = [json.loads(Path(f).read_text())["rows"] for f in files.split(",")]
+    files = {label: names.split(",") for label, names in (v.split("=", 1) for v in args.versions)}
+    versions = {label: [json.loads(Path(f).read_text())["rows"] for f in fs] for label, fs in files.items()}
     summary = {label: dict(runs=len(runs), **medians(runs)) for label, runs in versions.items()}
-    summary["files"] = {v.split("=", 1)[0]: v.split("=", 1)[1].split(",") for v in args.versions}
+    summary["files"] = files
     Path(args.out + ".json").write_text(json.dumps(summary, indent=1))
     plot(versions, args.out + ".png")
     for name in NAMES:

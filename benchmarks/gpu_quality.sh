@@ -11,8 +11,8 @@ RUN=$1 DATA=$2
 MODELS=${MODELS:-big small}
 OUT=${OUT:-/tmp/out}
 R=/tmp/results
+rm -rf /tmp/ship $R  # a warm box keeps an earlier run's plots, which would come back too
 mkdir -p "$OUT" $R
-rm -rf /tmp/ship
 convert() {  # checkpoint, folder, extra flags
   python3 convert.py --torch-path "$1" --mlx-path "$2" --dtype float16 --tokenizer "$DATA/hf" "${@:3}" 2>&1 | tail -3
 }

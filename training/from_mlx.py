@@ -42,8 +42,7 @@ def main(src, out):
         weights.update(load_file(f))
     if "quantization" in config:
         weights = dequantize(weights, config["quantization"]["group_size"], config["quantization"]["bits"])
-    keys = {k for k in ModelArgs.__dataclass_fields__}
-    args = ModelArgs(**{k: v for k, v in config.items() if k in keys})
+    args = ModelArgs(**{k: v for k, v in config.items() if k in ModelArgs.__dataclass_fields__})
     model = Model(args)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=True)
     save_official(model, args, out)

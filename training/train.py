@@ -26,8 +26,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from torch_ref.model import Model, ModelArgs, indexer_kd_loss, load_official, save_official  # noqa: E402
 from training.data import W_ANSWER, Sampler, read_docs  # noqa: E402
 
-# Version 2's larger model (training/gpu_train.sh; not shipped: README "Version 2"); --override
-# changes it (the fp16 model of the same bytes: dim 256, hidden_dim 768, 4 heads).
+# The 22M model of session 8 (not shipped: 8 bits are slow on MLX's CPU); --override changes it
+# (the shipped fp16 model: dim 256, hidden_dim 768, 4 heads; training/gpu_train.sh MODELS=small).
 GPU_CONFIG = dict(
     model_type="clsa", dim=384, n_layers=10, hidden_dim=1024, n_self_heads=6, n_self_kv_heads=2,
     n_attn_heads=6, n_attn_kv_heads=2, vocab_size=8192, max_seq_len=131072, sliding_window=256,
