@@ -14,6 +14,12 @@ from training.facts import KINDS, facts, question
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def spm_model():
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(clsa_mlx.shipped_model() / "tokenizer.model"))
+
 PYTHON = '''"""A module."""
 
 FTP_PORT = 21
@@ -78,10 +84,8 @@ def test_held_out_groups_include_the_files_users_tried():
 def test_a_chat_task_is_what_the_chat_feeds_the_model(tmp_path):
     """Files added with /file and a question, through Conversation: the tokens in its cache
     before the reply equal the training sequence up to the answer."""
-    import sentencepiece as spm
-
     folder = clsa_mlx.shipped_model()
-    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    sp = spm_model()
     docs = [dict(name=n, text=t, facts=facts(n, t)) for n, t in (("ftp.py", PYTHON), ("p.h", C_HEADER), ("c.txt", TEXT))]
     sampler = Sampler(sp, docs, seed=3)
     model, tokenizer = clsa_mlx.load(folder)
@@ -197,10 +201,54 @@ def test_an_mlx_folder_goes_back_to_its_checkpoint(tmp_path):
 
 
 def test_documents_without_facts_still_give_lookup_lessons():
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(clsa_mlx.shipped_model() / "tokenizer.model"))
+    sp = spm_model()
     text = "the routing picks the top keys once per token\n" * 60
     sampler = Sampler(sp, [dict(name="x.txt", text=text, facts=[])], seed=0)
     ids, weights = sampler.sequence(4000)
     assert len(ids) == 4000 and weights.max() == 1.0  # synthetic needles stand in: answers are weighted
+
+
+def test_training_asks_new_mentions_and_evaluation_the_fixed_ones():
+    sp = spm_model()
+    text = "".join(f"line {i}: the routing of block {i * 7} picks {i % 5} keys per token\n" for i in range(300))
+    docs = [dict(name="r.txt", text=text, facts=facts("r.txt", text))]
+    fixed = {f[1] for f in docs[0]["facts"] if f[0] == "mention"}
+    asked = {True: set(), False: set()}
+    for fresh in (True, False):
+        sampler = Sampler(sp, docs, seed=1, fresh_mentions=fresh)
+        for _ in range(40):
+            (_, window), qa, kind, avoid = sampler.lookup_turns(2000, "mention")
+            assert kind == "mention"
+            for q, line in qa:
+                phrase = q.split('"')[1]
+                assert text.count(phrase) == 1 and phrase in line and line in window.splitlines()
+                asked[fresh].add(phrase)
+    assert asked[False] <= fixed and len(asked[True] - fixed) > 20
+
+
+def test_lookup_kinds_are_asked_by_their_weights():
+    import collections
+
+    from training.data import KIND_WEIGHTS
+
+    sp = spm_model()
+    sampler = Sampler(sp, [dict(name=n, text=t, facts=facts(n, t)) for n, t in (("ftp.py", PYTHON),)], seed=0)
+    counts = collections.Counter(sampler.lookup_turns(1500)[2] for _ in range(3000))
+    total = sum(KIND_WEIGHTS[k] for k in counts)
+    for kind, n in counts.items():
+        assert abs(n / 3000 - KIND_WEIGHTS[kind] / total) < 0.04, (kind, counts)
+
+
+def test_facts_come_in_the_same_order_in_every_process():
+    """Facts at one offset were once in set order, which string hashing changes per process: the
+    same data folder then asked other questions."""
+    import json
+    import subprocess
+    import sys
+
+    # a docstring's first line is also a mention's line: two facts at one offset
+    text = "".join(f'def f{i}():\n    """\n    Return the {i}th value of the routing table here.\n    """\n' for i in range(40))
+    code = f"import json, sys; from training.facts import facts; print(json.dumps(facts('m.py', {text!r})))"
+    runs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": str(seed), "PATH": "/usr/bin:/bin"}).stdout for seed in range(4)}
+    assert len(runs) == 1 and json.loads(runs.pop())

@@ -27,6 +27,10 @@ SYLLABLES = "ba be bi bo bu da de di do du ka ke ki ko ku la le li lo lu ma me m
 NOTE_NAMES = ["notes.txt", "log.txt", "report.md", "memo.txt", "data.txt", "README"]
 
 W_ANSWER, W_TEXT, W_CONTEXT = 1.0, 0.2, 0.05  # per-token loss weights: answers dominate the signal
+# How often each lookup kind is asked first: long quotes (a docstring line, a whole line) were
+# version 2's weakest; synthetic needles it found every time, so lookups are 80% of chat tasks.
+KIND_WEIGHTS = dict(value=1.0, signature=0.8, default=0.6, doc=1.6, mention=2.0)
+LOOKUP_SHARE = 0.8
 CHARS_PER_TOKEN = 3.1  # prepare.py measures it (stats.json); only sizes the documents' windows
 HELD_OUT = 0.06  # share of groups (packages, top-level modules) never trained on
 ALWAYS_HELD_OUT = {"stdlib:ftplib", "stdlib:_pydecimal", "stdlib:argparse"}  # the ones users tried
@@ -91,8 +95,8 @@ SYNTHETIC = ("kv", "multikey", "passkey", "twohop")
 class Sampler:
     """Token sequences with per-token loss weights, from the documents of one part."""
 
-    def __init__(self, sp, docs, seed: int = 0):
-        self.sp, self.docs, self.rng = sp, docs, random.Random(seed)
+    def __init__(self, sp, docs, seed: int = 0, fresh_mentions: bool = False):
+        self.sp, self.docs, self.rng, self.fresh_mentions = sp, docs, random.Random(seed), fresh_mentions
         self.bos, self.eos = sp.bos_id(), sp.eos_id()
         self.user, self.assistant, self.end = (sp.piece_to_id(s) for s in SPECIALS[1:])
         self.kinds = {kind: [i for i, d in enumerate(docs) if any(f[0] == kind for f in d["facts"])]
@@ -140,12 +144,17 @@ class Sampler:
     def lookup_turns(self, chars, kind=None):
         """-> ((name, text) of the target file, [(question, answer)], kind, words the other
         files must not hold)."""
-        kind = kind or self.rng.choice([k for k in lookup.KINDS if self.kinds[k]] or ["kv"])
+        kinds = [k for k in lookup.KINDS if self.kinds[k]]
+        kind = kind or (self.rng.choices(kinds, [KIND_WEIGHTS[k] for k in kinds])[0] if kinds else "kv")
         if not self.kinds.get(kind):  # no document holds a fact of this kind
             return self.synthetic_turns(chars, "kv")
         i = self.rng.choice(self.kinds[kind])
-        d, found = self.docs[i], self.docs[i]["facts"]
-        first = self.rng.choice([f for f in found if f[0] == kind])
+        d = self.docs[i]
+        # Training asks new phrases every time: version 2 learnt the fixed ones by heart (98% of
+        # training answers right). Evaluations keep the fixed ones, to compare across versions.
+        fresh = [list(f) for f in lookup.mention_facts(d["text"], self.rng, n=4)] if self.fresh_mentions else []
+        found = [f for f in d["facts"] if f[0] != "mention"] + fresh if fresh else d["facts"]
+        first = self.rng.choice([f for f in found if f[0] == kind] or [f for f in d["facts"] if f[0] == kind])
         start, text = self.window(d["text"], chars, span=(first[3], first[3] + len(first[2])))
         inside = [f for f in found if f is not first and start <= f[3] and f[3] + len(f[2]) <= start + len(text)]
         chosen = [first] + self.rng.sample(inside, k=min(len(inside), self.rng.choice([0, 1, 2, 3, 4, 6])))
@@ -164,8 +173,8 @@ class Sampler:
 
     def chat_parts(self, length, kind=None):
         """-> ([(file name, text)], [(question, answer)], kind) of about `length` tokens. `kind`:
-        a lookup kind, a synthetic one, "lookup" (any lookup) or None (lookups 70% of the time)."""
-        kind = kind or ("lookup" if self.rng.random() < 0.7 else self.rng.choice(SYNTHETIC))
+        a lookup kind, a synthetic one, "lookup" (any lookup) or None (lookups LOOKUP_SHARE of the time)."""
+        kind = kind or ("lookup" if self.rng.random() < LOOKUP_SHARE else self.rng.choice(SYNTHETIC))
         chars = int((length - 24) * CHARS_PER_TOKEN)
         share = chars if self.rng.random() < 0.3 else max(600, int(chars * self.rng.uniform(0.05, 1.0)))
         if kind in SYNTHETIC:

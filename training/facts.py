@@ -152,4 +152,4 @@ def facts(name: str, text: str, seed: int = 0):
         found = pattern_facts(text, KEY_VALUE)
     found += mention_facts(text, rng)
     found = [f for f in found if text[f[3]:f[3] + len(f[2])] == f[2]]
-    return [list(f) for f in sorted(set(found), key=lambda f: f[3])]
+    return [list(f) for f in sorted(set(found), key=lambda f: (f[3], f))]  # not set order: it varies by run

@@ -2,7 +2,7 @@
 sentencepiece tokenizer trained on them, and the same tokenizer as Hugging Face files with the
 chat template (DIR/hf) for the model folder.
 
-  python training/prepare.py DIR
+  python training/prepare.py DIR [--tokenizer OLD_DIR]   (OLD_DIR's tokenizer, to continue a model)
   -> DIR/docs.jsonl.xz (with each document's lookup facts), DIR/tokenizer.model, DIR/hf/, DIR/licences.json, DIR/stats.json
 """
 
@@ -19,7 +19,7 @@ from training.data import CHAT_TEMPLATE, SPECIALS, part_of, train_tokenizer  # n
 from training.facts import facts  # noqa: E402
 from training.sources import documents  # noqa: E402
 
-MAX_GROUP_CHARS = 6_000_000  # torch alone has 56 MB of sources: keep any one package from dominating
+MAX_GROUP_CHARS = 15_000_000  # torch alone has 56 MB of sources: keep any one package from dominating
 OWN = "pypi:clsa-mlx"
 
 
@@ -82,7 +82,9 @@ def capped(docs):
             yield d
 
 
-def main(out):
+def main(out, tokenizer=None):
+    import shutil
+
     import sentencepiece as spm
 
     out = pathlib.Path(out)
@@ -96,9 +98,12 @@ def main(out):
         for d in docs:
             f.write(json.dumps(d) + "\n")
     train_text = [d["text"] for d in docs if part_of(d["group"]) == "train"]
-    (out / "corpus.txt").write_text("\n\n".join(train_text))
-    train_tokenizer(out / "corpus.txt", out / "tokenizer")
-    (out / "corpus.txt").unlink()
+    if tokenizer:
+        shutil.copy(pathlib.Path(tokenizer) / "tokenizer.model", out / "tokenizer.model")
+    else:
+        (out / "corpus.txt").write_text("\n\n".join(train_text))
+        train_tokenizer(out / "corpus.txt", out / "tokenizer")
+        (out / "corpus.txt").unlink()
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     sample = "\n\n".join(random.Random(0).sample(train_text, k=min(400, len(train_text))))
     licences = collections.defaultdict(set)
@@ -126,4 +131,10 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out")
+    p.add_argument("--tokenizer", help="a prepared folder whose tokenizer to reuse instead of training one")
+    a = p.parse_args()
+    main(a.out, a.tokenizer)

@@ -51,7 +51,7 @@ class Batches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         sp = spm.SentencePieceProcessor(model_file=str(self.data_dir / "tokenizer.model"))
         docs = read_docs(self.data_dir / "docs.jsonl.xz", "train")
-        sampler = Sampler(sp, docs, seed=self.seed * 1000 + (info.id if info else 0))
+        sampler = Sampler(sp, docs, seed=self.seed * 1000 + (info.id if info else 0), fresh_mentions=True)
         while True:
             rows = [sampler.sequence(self.seq + 1, self.text_share) for _ in range(self.batch)]
             yield torch.from_numpy(np.stack([r[0] for r in rows])), torch.from_numpy(np.stack([r[1] for r in rows]))
