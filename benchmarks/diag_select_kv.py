@@ -74,14 +74,16 @@ def _copy_kernel(be):
 _copy_cache = {}
 
 
-def route_reimpl(q, kidx, k, be, extra=False):
+def route_head(q, kidx, k, kernel):
+    """route_score and the three route_hist passes as kernels._route_rows runs them, with the
+    kernels `kernel(name)` gives (the current text or d463a5a's)."""
     B, L, _ = q.shape
     T, R = kidx.shape[1], B * L
     chunk, C = kernels._chunking(T)
     prm = mx.array([T, L, T - 1, k, chunk, C, 0, 0], dtype=mx.int32)
     start = kernels._no_padding(B)
     grid, tg = (R * C * kernels._TG, 1, 1), (kernels._TG, 1, 1)
-    (sw,) = kernels._kernel(be, "route_score")(
+    (sw,) = kernel("route_score")(
         inputs=[mx.contiguous(q).reshape(R, D), kidx, prm, start],
         template=[("QT", q.dtype), ("KT", kidx.dtype), ("D", D), ("TG", kernels._TG_SCORE)],
         grid=(R * C * kernels._TG_SCORE, 1, 1), threadgroup=(kernels._TG_SCORE, 1, 1),
@@ -89,9 +91,14 @@ def route_reimpl(q, kidx, k, be, extra=False):
     work = sw
     lrow = (C + 1) * 256 + 4 + C
     for level in (1, 2, 3):
-        (work,) = kernels._kernel(be, "route_hist")(
+        (work,) = kernel("route_hist")(
             inputs=[sw, prm, start, work], template=[("LEVEL", level), ("TG", kernels._TG)],
             grid=grid, threadgroup=tg, output_shapes=[(R, lrow)], output_dtypes=[mx.uint32], init_value=0)
+    return sw, work, prm, start, grid, tg, R, C, lrow
+
+
+def route_reimpl(q, kidx, k, be, extra=False):
+    sw, work, prm, start, grid, tg, R, C, lrow = route_head(q, kidx, k, lambda name: kernels._kernel(be, name))
     if extra:  # the 6-launch text's extra dependent launch (route_select), here a copy of the work
         if be not in _copy_cache:
             _copy_cache[be] = _copy_kernel(be)
@@ -101,7 +108,7 @@ def route_reimpl(q, kidx, k, be, extra=False):
     (idx,) = kernels._kernel(be, "route_write")(
         inputs=[sw, prm, start, work], template=[("TG", kernels._TG)], grid=grid, threadgroup=tg,
         output_shapes=[(R, k)], output_dtypes=[mx.int32])
-    return idx.reshape(B, L, k)
+    return idx.reshape(*q.shape[:2], k)
 
 
 # ---- optional: the 6-launch text of d463a5a, read as kernel TEXT from --old-metal DIR ----
@@ -129,29 +136,14 @@ def _old_kernel(be, d, name):
 
 
 def route_old(q, kidx, k, be, d):
-    B, L, _ = q.shape
-    T, R = kidx.shape[1], B * L
-    chunk, C = kernels._chunking(T)
-    prm = mx.array([T, L, T - 1, k, chunk, C, 0, 0], dtype=mx.int32)
-    start = kernels._no_padding(B)
-    grid, tg = (R * C * kernels._TG, 1, 1), (kernels._TG, 1, 1)
-    (sw,) = _old_kernel(be, d, "route_score")(
-        inputs=[mx.contiguous(q).reshape(R, D), kidx, prm, start],
-        template=[("QT", q.dtype), ("KT", kidx.dtype), ("D", D), ("TG", kernels._TG_SCORE)],
-        grid=(R * C * kernels._TG_SCORE, 1, 1), threadgroup=(kernels._TG_SCORE, 1, 1),
-        output_shapes=[(R, T + (C + 1) * 256)], output_dtypes=[mx.uint32], init_value=0)
-    work = sw
-    for level in (1, 2, 3):
-        (work,) = _old_kernel(be, d, "route_hist")(
-            inputs=[sw, prm, start, work], template=[("LEVEL", level), ("TG", kernels._TG)], grid=grid,
-            threadgroup=tg, output_shapes=[(R, (C + 1) * 256 + 4 + C)], output_dtypes=[mx.uint32], init_value=0)
+    sw, work, prm, start, grid, tg, R, C, _ = route_head(q, kidx, k, lambda name: _old_kernel(be, d, name))
     st, abase, tbase = _old_kernel(be, d, "route_select")(
         inputs=[work, prm], grid=(kernels._TG * R, 1, 1), threadgroup=(kernels._TG, 1, 1),
         output_shapes=[(R, 4), (R, C), (R, C)], output_dtypes=[mx.uint32] * 3)
     (idx,) = _old_kernel(be, d, "route_write")(
         inputs=[sw, prm, start, st, abase, tbase], template=[("TG", kernels._TG)], grid=grid, threadgroup=tg,
         output_shapes=[(R, k)], output_dtypes=[mx.int32])
-    return idx.reshape(B, L, k)
+    return idx.reshape(*q.shape[:2], k)
 
 
 # ---- predicted CUDA graph cuts ----
