@@ -20,6 +20,7 @@ def spm_model():
 
     return spm.SentencePieceProcessor(model_file=str(clsa_mlx.shipped_model() / "tokenizer.model"))
 
+
 PYTHON = '''"""A module."""
 
 FTP_PORT = 21
@@ -252,3 +253,13 @@ def test_facts_come_in_the_same_order_in_every_process():
     runs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": str(seed), "PATH": "/usr/bin:/bin"}).stdout for seed in range(4)}
     assert len(runs) == 1 and json.loads(runs.pop())
+
+
+def test_prepare_refuses_a_missing_tokenizer_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "training" / "prepare.py"), str(tmp_path / "out"), "--tokenizer",
+                        str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == f"{tmp_path / 'none'}/tokenizer.model: no such file"
+    assert not (tmp_path / "out").exists()

@@ -151,7 +151,7 @@ class Sampler:
         i = self.rng.choice(self.kinds[kind])
         d = self.docs[i]
         # Training asks new phrases every time: version 2 learnt the fixed ones by heart (98% of
-        # training answers right). Evaluations keep the fixed ones, to compare across versions.
+        # training answer tokens right). Evaluations keep the fixed ones, to compare versions.
         fresh = [list(f) for f in lookup.mention_facts(d["text"], self.rng, n=4)] if self.fresh_mentions else []
         found = [f for f in d["facts"] if f[0] != "mention"] + fresh if fresh else d["facts"]
         first = self.rng.choice([f for f in found if f[0] == kind] or [f for f in d["facts"] if f[0] == kind])

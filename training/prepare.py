@@ -88,6 +88,8 @@ def main(out, tokenizer=None):
     import sentencepiece as spm
 
     out = pathlib.Path(out)
+    if tokenizer and not (pathlib.Path(tokenizer) / "tokenizer.model").is_file():  # before minutes of work
+        sys.exit(f"{tokenizer}/tokenizer.model: no such file")
     out.mkdir(parents=True, exist_ok=True)
     docs = list(capped(documents()))
     with multiprocessing.Pool() as pool:  # once here, not in every training worker
