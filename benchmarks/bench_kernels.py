@@ -38,6 +38,23 @@ def argpartition_route(q, kidx, k):
     return mx.sort(mx.argpartition(-s, kth=k - 1, axis=-1)[..., :k], axis=-1).astype(mx.int32)
 
 
+def routing_fns(q, kidx, keys, values, k, be):
+    """The routing and select_kv calls timed per T: MLX ops, the reference and the kernels."""
+    T = kidx.shape[1]
+    fns = {
+        "route_argpartition": lambda: argpartition_route(q, kidx, k),
+        "route_topk_ref": lambda: sparse.route_ref(q, kidx, k, T - 1),
+        "scores_matmul": lambda: sparse.index_scores(q, kidx),
+        "select_kv_argpartition": lambda: (
+            lambda i: (mx.take_along_axis(keys, i, 2), mx.take_along_axis(values, i, 2))
+        )(argpartition_route(q, kidx, k)[:, 0][:, None, :, None]),
+    }
+    if be:
+        fns["route_kernel"] = lambda: kernels.route(q, kidx, k, T - 1, be)
+        fns["select_kv_kernel"] = lambda: kernels.select_kv(q, kidx, keys, values, k, be)
+    return fns
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out-dir", default="benchmarks/results")
@@ -63,17 +80,8 @@ def main():
         values = mx.random.normal((1, 8, T, 128)).astype(dt)
         mx.eval(q, kidx, keys, values)
         r = dict(T=T)
-        fns = {
-            "route_argpartition": lambda: argpartition_route(q, kidx, k),
-            "route_topk_ref": lambda: sparse.route_ref(q, kidx, k, T - 1),
-            "scores_matmul": lambda: sparse.index_scores(q, kidx),
-            "select_kv_argpartition": lambda: (
-                lambda i: (mx.take_along_axis(keys, i, 2), mx.take_along_axis(values, i, 2))
-            )(argpartition_route(q, kidx, k)[:, 0][:, None, :, None]),
-        }
+        fns = routing_fns(q, kidx, keys, values, k, be)
         if be:
-            fns["route_kernel"] = lambda: kernels.route(q, kidx, k, T - 1, be)
-            fns["select_kv_kernel"] = lambda: kernels.select_kv(q, kidx, keys, values, k, be)
             chunk, C = kernels._chunking(T)
             prm = mx.array([T, 1, T - 1, k, chunk, C, 0, 0], dtype=mx.int32)
             fns["route_score_pass"] = lambda: kernels._kernel(be, "route_score")(

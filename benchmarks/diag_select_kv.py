@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import timed  # noqa: E402
+from benchmarks.bench_kernels import routing_fns  # noqa: E402
+from benchmarks.common import machine, timed  # noqa: E402
 from clsa_mlx import kernels, sparse  # noqa: E402
 
 D, HKV, HD = 128, 8, 128
@@ -227,15 +228,11 @@ def main():
     Ts = [int(t) for t in args.T.split(",")]
     if min(Ts) < args.k:
         ap.error(f"--k {args.k} is more than the smallest --T {min(Ts)}")
-    meta = dict(mlx=mx.__version__, device=str(mx.default_device()), backend=be or "reference",
+    meta = dict(machine(),
                 path="kernels (" + be + ")" if be else "references (sparse.route_ref, take_along_axis): no GPU kernels here",
                 k=k, iters=iters, reps=args.reps, Ts=Ts,
                 env={v: os.environ.get(v) for v in ("MLX_MAX_OPS_PER_BUFFER", "MLX_MAX_MB_PER_BUFFER",
                                                    "MLX_USE_CUDA_GRAPHS", "MLX_CUDA_GRAPH_CACHE_SIZE")})
-    try:
-        meta["device_info"] = {a: str(b) for a, b in mx.device_info().items()}
-    except Exception:
-        pass
     emit(dict(meta=meta))
     t_start = time.perf_counter()
     if be:  # bench_kernels.py's warm-up
@@ -253,24 +250,10 @@ def main():
             mx.eval(*a)
             return a
 
-        def argpartition_route(q, kidx):
-            s = sparse.index_scores(q, kidx)
-            return mx.sort(mx.argpartition(-s, kth=k - 1, axis=-1)[..., :k], axis=-1).astype(mx.int32)
-
         # 1. replay bench_kernels.py's order and single-sample timing
         for rp in range(args.replays):
             q, kidx, keys, values = make()
-            fns = {
-                "route_argpartition": lambda: argpartition_route(q, kidx),
-                "route_topk_ref": lambda: sparse.route_ref(q, kidx, k, T - 1),
-                "scores_matmul": lambda: sparse.index_scores(q, kidx),
-                "select_kv_argpartition": lambda: (
-                    lambda i: (mx.take_along_axis(keys, i, 2), mx.take_along_axis(values, i, 2))
-                )(argpartition_route(q, kidx)[:, 0][:, None, :, None]),
-            }
-            if be:
-                fns["route_kernel"] = lambda: kernels.route(q, kidx, k, T - 1, be)
-                fns["select_kv_kernel"] = lambda: kernels.select_kv(q, kidx, keys, values, k, be)
+            fns = routing_fns(q, kidx, keys, values, k, be)
             r = dict(T=T, replay=rp)
             for name, fn in fns.items():
                 r[name + "_ms"], r[name + "_sync_ms"] = (round(x, 4) for x in timed(fn, iters))
