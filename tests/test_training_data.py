@@ -263,3 +263,32 @@ def test_prepare_refuses_a_missing_tokenizer_before_any_work(tmp_path):
                         str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.strip() == f"{tmp_path / 'none'}/tokenizer.model: no such file"
     assert not (tmp_path / "out").exists()
+
+
+def test_prepare_refuses_a_missing_packages_folder_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "training" / "prepare.py"), str(tmp_path / "out"), "--packages",
+                        str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == f"{tmp_path / 'none'}: no such folder"
+    assert not (tmp_path / "out").exists()
+
+
+def test_packages_of_an_extra_folder_are_read_by_their_files_and_licence(tmp_path):
+    """`pip install --target DIR` folders; newer build backends write no top_level.txt, so the
+    top-level folders come from the RECORD; a GPL package is left out."""
+    from training.sources import packages
+
+    body = "".join(f"def handler_{i}(request, timeout=30):\n    return request\n\n\n" for i in range(20))
+    for name, licence in (("demo-lib", "MIT"), ("copyleft-lib", "GPL-3.0-only")):
+        top = name.replace("-", "") + "_core"
+        (tmp_path / top).mkdir()
+        (tmp_path / top / "handlers.py").write_text(body)
+        info = tmp_path / f"{name.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.4\nName: {name}\nVersion: 1.0\nLicense-Expression: {licence}\n")
+        (info / "RECORD").write_text(f"{top}/handlers.py,,\n{info.name}/METADATA,,\n")
+    found = [d for d in packages([tmp_path]) if d["origin"].startswith(("pypi:demo-lib", "pypi:copyleft-lib"))]
+    assert [(d["origin"], d["group"], d["license"], d["text"]) for d in found] == [
+        ("pypi:demo-lib/handlers.py", "pypi:demo-lib", "MIT", body)]

@@ -2,7 +2,9 @@
 sentencepiece tokenizer trained on them, and the same tokenizer as Hugging Face files with the
 chat template (DIR/hf) for the model folder.
 
-  python training/prepare.py DIR [--tokenizer OLD_DIR]   (OLD_DIR's tokenizer, to continue a model)
+  python training/prepare.py DIR [--tokenizer OLD_DIR] [--packages PKG_DIR ...]
+    OLD_DIR: a folder whose tokenizer to reuse (to continue a model); PKG_DIR: more packages to
+    read, installed with `pip install --no-deps --target PKG_DIR ...` (not imported)
   -> DIR/docs.jsonl.xz (with each document's lookup facts), DIR/tokenizer.model, DIR/hf/, DIR/licences.json, DIR/stats.json
 """
 
@@ -82,7 +84,7 @@ def capped(docs):
             yield d
 
 
-def main(out, tokenizer=None):
+def main(out, tokenizer=None, extra=()):
     import shutil
 
     import sentencepiece as spm
@@ -90,8 +92,11 @@ def main(out, tokenizer=None):
     out = pathlib.Path(out)
     if tokenizer and not (pathlib.Path(tokenizer) / "tokenizer.model").is_file():  # before minutes of work
         sys.exit(f"{tokenizer}/tokenizer.model: no such file")
+    for folder in extra:
+        if not pathlib.Path(folder).is_dir():
+            sys.exit(f"{folder}: no such folder")
     out.mkdir(parents=True, exist_ok=True)
-    docs = list(capped(documents()))
+    docs = list(capped(documents(extra)))
     with multiprocessing.Pool() as pool:  # once here, not in every training worker
         found = pool.starmap(facts, [(d["name"], d["text"]) for d in docs], chunksize=16)
     for d, f in zip(docs, found):
@@ -138,5 +143,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out")
     p.add_argument("--tokenizer", help="a prepared folder whose tokenizer to reuse instead of training one")
+    p.add_argument("--packages", nargs="*", default=[], help="folders of packages to read as well")
     a = p.parse_args()
-    main(a.out, a.tokenizer)
+    main(a.out, a.tokenizer, a.packages)

@@ -15,6 +15,7 @@ import importlib.metadata
 import pathlib
 import re
 import subprocess
+import sys
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 
@@ -67,14 +68,22 @@ def package_licence(dist):
     return None
 
 
-def packages():
+def top_level(dist):
+    """A distribution's top-level folders: top_level.txt, else (newer build backends write none)
+    the first part of its files' paths."""
+    listed = (dist.read_text("top_level.txt") or "").split()
+    return listed or sorted({f.parts[0] for f in dist.files or () if len(f.parts) > 1 and f.suffix == ".py"})
+
+
+def packages(extra=()):
+    """`extra`: folders of packages installed only to be read (`pip install --target DIR`)."""
     seen = set()
-    for dist in importlib.metadata.distributions():
+    for dist in importlib.metadata.distributions(path=[*map(str, extra), *sys.path]):
         licence, name = package_licence(dist), dist.metadata["Name"]
         if not licence or name in seen:
             continue
         seen.add(name)
-        for top in (dist.read_text("top_level.txt") or name.replace("-", "_")).split():
+        for top in top_level(dist):
             root = pathlib.Path(dist.locate_file(top))
             if root.is_dir():
                 yield from tree(root, licence, f"pypi:{name}", lambda rel, n=name: "pypi:" + n)
@@ -134,10 +143,10 @@ def debian():
                           "debian:" + package)
 
 
-def documents():
+def documents(extra=()):
     """Every document once (by text), in a fixed order."""
     seen = set()
-    for d in (*stdlib(), *packages(), *debian()):
+    for d in (*stdlib(), *packages(extra), *debian()):
         key = hash(d["text"])
         if key not in seen:
             seen.add(key)
