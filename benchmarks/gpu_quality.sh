@@ -2,7 +2,7 @@
 # After training/gpu_train.sh, on the same box with MLX CUDA installed: convert the models with
 # the project's convert.py (big: 8-bit and fp16; small: fp16), evaluate them through the chat's
 # path to 64K (one process per model, at once), pack what comes back.
-#   [MODELS=small] bash benchmarks/gpu_quality.sh /tmp/run /tmp/data
+#   [MODELS=small] [BASELINE=clsa_mlx/shipped] bash benchmarks/gpu_quality.sh /tmp/run /tmp/data
 #   -> $OUT/quality_*.png, $OUT/shipped.tar.* (the folder to ship: big8, or small16 alone),
 #      $OUT/results.tar.gz (quality_*.json, other plots, eval and training logs): 8 files at most
 set -o pipefail
@@ -33,6 +33,9 @@ for m in $MODELS; do
     SHIP=${SHIP:-small16}
   fi
 done
+if [ -n "$BASELINE" ]; then  # an MLX folder (the shipped model) evaluated beside, on the same questions
+  $E --model "$BASELINE" --name quality_baseline --samples $SAMPLES > "$R/eval_baseline.log" 2>&1 &
+fi
 wait
 (cd /tmp/ship && tar cf - "$SHIP" | split -b 15m - "$OUT/shipped.tar.")
 cp $R/quality_*.png "$OUT"/
