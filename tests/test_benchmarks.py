@@ -227,3 +227,27 @@ def test_diag_select_kv_micro(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/diag_select_kv.py", "--T", "1024"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--k 2048 is more than the smallest --T 1024" in bad.stderr
+
+
+def test_compare_quality_counts_the_real_lookups_of_each_version(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks.compare_quality import real_share
+    from training.facts import KINDS
+
+    def results(exact):
+        row = {k: {a: dict(exact=exact[i], n=10) for a in ("clsa", "dense")} for i, k in enumerate(KINDS)}
+        row["kv"] = {a: dict(exact=1.0, n=10) for a in ("clsa", "dense")}  # synthetic: not counted
+        return dict(lookups={"1024": row, "4096": row}, machine=dict(device="cpu", mlx="0", date="today"))
+
+    old, new = results([0.5, 0.2, 0.0, 1.0, 0.1]), results([0.9, 0.3, 0.0, 1.0, 0.6])
+    assert real_share(old, 1024, "clsa") == (18, 50) and real_share(new, 4096, "dense") == (28, 50)
+    for name, r in (("old", old), ("new", new)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_quality.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "cmp"),
+                    f"old={tmp_path / 'old.json'}", f"new={tmp_path / 'new.json'}"], check=True, capture_output=True)
+    table = json.loads((tmp_path / "cmp.json").read_text())["real_lookups"]
+    assert table["new"]["4096"]["clsa"] == [28, 50] and (tmp_path / "cmp.png").stat().st_size > 10_000
