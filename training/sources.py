@@ -1,8 +1,8 @@
 """Real documents on this machine under permissive licences, each with its licence and origin.
 
 - CPython's standard library sources and C headers (PSF-2.0);
-- the Python packages installed beside it whose metadata names a permissive licence (their
-  sources and documentation files);
+- the Python packages installed beside it, or in folders given only to be read, whose metadata
+  names a permissive licence (their sources and documentation files);
 - Debian's manual pages (rendered to text) and /usr/share/doc text of packages whose DEP-5
   copyright file names only permissive licences.
 
@@ -72,7 +72,8 @@ def top_level(dist):
     """A distribution's top-level folders: top_level.txt, else (newer build backends write none)
     the first part of its files' paths."""
     listed = (dist.read_text("top_level.txt") or "").split()
-    return listed or sorted({f.parts[0] for f in dist.files or () if len(f.parts) > 1 and f.suffix == ".py"})
+    found = {f.parts[0] for f in dist.files or () if len(f.parts) > 1 and f.suffix == ".py"}
+    return listed or sorted(top for top in found if top.isidentifier())  # not "..", not *.dist-info
 
 
 def packages(extra=()):
