@@ -63,8 +63,7 @@ def main():
     table = {name: {n: {arch: real_share(r, n, arch) for arch in ("clsa", "dense")} for n in r["lookups"]}
              for name, r in versions.items()}
     for name, rows in table.items():
-        print(name, "  ".join(f"{n}: {c[0]}/{c[1]} (dense {d[0]})" for n, (c, d) in
-                              ((n, (v["clsa"], v["dense"])) for n, v in rows.items())))
+        print(name, "  ".join(f"{n}: {v['clsa'][0]}/{v['clsa'][1]} (dense {v['dense'][0]})" for n, v in rows.items()))
     a.out.with_suffix(".json").write_text(json.dumps(dict(real_lookups=table, machine=next(iter(versions.values()))["machine"]), indent=1))
     plot(versions, a.at, a.out.with_suffix(".png"))
 

@@ -72,8 +72,10 @@ def top_level(dist):
     """A distribution's top-level folders: top_level.txt, else (newer build backends write none)
     the first part of its files' paths."""
     listed = (dist.read_text("top_level.txt") or "").split()
+    if listed:
+        return listed
     found = {f.parts[0] for f in dist.files or () if len(f.parts) > 1 and f.suffix == ".py"}
-    return listed or sorted(top for top in found if top.isidentifier())  # not "..", not *.dist-info
+    return sorted(top for top in found if top.isidentifier())  # not "..", not *.dist-info
 
 
 def packages(extra=()):
