@@ -2,8 +2,7 @@
 # After training/gpu_train.sh, on the same box with MLX CUDA installed: convert the models with
 # the project's convert.py (big: 8-bit and fp16; small: fp16), evaluate them through the chat's
 # path to 64K (one process per model, at once), pack what comes back.
-#   [MODELS=small] [BASELINE=clsa_mlx/shipped] [Q8=1] bash benchmarks/gpu_quality.sh /tmp/run /tmp/data
-#   Q8=1 also evaluates the small model's 8-bit copy on the real-document kinds (same questions)
+#   [MODELS=small] [BASELINE=clsa_mlx/shipped] bash benchmarks/gpu_quality.sh /tmp/run /tmp/data
 #   -> $OUT/quality_*.png, $OUT/shipped.tar.* (the folder to ship: big8, or small16 alone),
 #      $OUT/results.tar.gz (quality_*.json, other plots, eval and training logs): 8 files at most
 set -o pipefail
@@ -31,11 +30,6 @@ for m in $MODELS; do
   else
     convert "$RUN/small/joint" /tmp/ship/small16
     $E --model /tmp/ship/small16 --name quality_small16 --samples $SAMPLES > "$R/eval_small16.log" 2>&1 &
-    if [ -n "$Q8" ]; then
-      convert "$RUN/small/joint" /tmp/ship/small8 -q --q-bits 8
-      $E --model /tmp/ship/small8 --name quality_small8 --samples $SAMPLES --kinds value signature default doc mention \
-        > "$R/eval_small8.log" 2>&1 &
-    fi
     SHIP=${SHIP:-small16}
   fi
 done
