@@ -2,6 +2,7 @@
 task's tokens are the tokens the chat feeds the model for the same files and question."""
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import clsa_mlx
 from clsa_mlx.conversation import Conversation
 from training.data import Sampler, part_of
-from training.facts import KINDS, facts, question
+from training.facts import KINDS, QUESTIONS, facts, question
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,6 +210,11 @@ def test_documents_without_facts_still_give_lookup_lessons():
     assert len(ids) == 4000 and weights.max() == 1.0  # synthetic needles stand in: answers are weighted
 
 
+def asked_phrase(q):
+    patterns = [re.escape(t).replace(re.escape("{s}"), "(.+)") for t in QUESTIONS["mention"]]
+    return next(m.group(1) for p in patterns if (m := re.fullmatch(p, q)))
+
+
 def test_training_asks_new_mentions_and_evaluation_the_fixed_ones():
     sp = spm_model()
     text = "".join(f"line {i}: the routing of block {i * 7} picks {i % 5} keys per token\n" for i in range(300))
@@ -221,7 +227,7 @@ def test_training_asks_new_mentions_and_evaluation_the_fixed_ones():
             (_, window), qa, kind, avoid = sampler.lookup_turns(2000, "mention")
             assert kind == "mention"
             for q, line in qa:
-                phrase = q.split('"')[1]
+                phrase = asked_phrase(q)
                 assert text.count(phrase) == 1 and phrase in line and line in window.splitlines()
                 asked[fresh].add(phrase)
     assert asked[False] <= fixed and len(asked[True] - fixed) > 20

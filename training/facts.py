@@ -30,9 +30,10 @@ QUESTIONS = {
                 "If {p} is not given to {s}, what value does it take?"],
     "doc": ["What does {s} do?", "What is {s} for?", "Describe {s} in one line.",
             "What does the docstring of {s} say?", "What is the first line of {s}'s docstring?"],
+    # unquoted too: after a quote the phrase's first word loses the leading "▁" it has in the text
     "mention": ['Which line mentions "{s}"?', 'Quote the line that contains "{s}".',
                 'Where does the file say "{s}"? Give the line.', 'Find "{s}" and give the whole line.',
-                'What is the full line with "{s}"?'],
+                'What is the full line with "{s}"?', "Which line has the words {s}?", "Give the line that says {s}."],
 }
 
 
