@@ -29,7 +29,7 @@ NOTE_NAMES = ["notes.txt", "log.txt", "report.md", "memo.txt", "data.txt", "READ
 W_ANSWER, W_TEXT, W_CONTEXT = 1.0, 0.2, 0.05  # per-token loss weights: answers dominate the signal
 # How often each lookup kind is asked first: long quotes (a docstring line, a whole line) were
 # version 2's weakest; synthetic needles it found every time, so lookups are 80% of chat tasks.
-KIND_WEIGHTS = dict(value=1.0, signature=0.8, default=0.6, doc=1.6, mention=2.0)
+KIND_WEIGHTS = dict(value=1.0, signature=0.8, default=0.6, doc=1.6, mention=3.0)
 LOOKUP_SHARE = 0.8
 CHARS_PER_TOKEN = 3.1  # prepare.py measures it (stats.json); only sizes the documents' windows
 HELD_OUT = 0.06  # share of groups (packages, top-level modules) never trained on
