@@ -2,7 +2,7 @@
 real-document lookups per length (CLSA and dense twin) and CLSA per kind at one length.
 
     python benchmarks/compare_quality.py --out benchmarks/results/quality_versions \
-        v4=benchmarks/results/quality_v4.json v5=benchmarks/results/quality.json
+        v5=benchmarks/results/quality_v5.json v6=benchmarks/results/quality.json
 """
 
 import argparse
