@@ -28,7 +28,8 @@ NOTE_NAMES = ["notes.txt", "log.txt", "report.md", "memo.txt", "data.txt", "READ
 
 W_ANSWER, W_TEXT, W_CONTEXT = 1.0, 0.2, 0.05  # per-token loss weights: answers dominate the signal
 # How often each lookup kind is asked first: long quotes (a docstring line, a whole line) were
-# version 2's weakest; synthetic needles it found every time, so lookups are 80% of chat tasks.
+# version 2's weakest, and mentions still were version 5's; synthetic needles are found every
+# time, so lookups are 80% of chat tasks.
 KIND_WEIGHTS = dict(value=1.0, signature=0.8, default=0.6, doc=1.6, mention=3.0)
 LOOKUP_SHARE = 0.8
 CHARS_PER_TOKEN = 3.1  # prepare.py measures it (stats.json); only sizes the documents' windows
