@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import ArraysCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
+from mlx_lm.models.cache import save_prompt_cache
 
+from .cache_check import check_cache, read_cache_file
 from .generate import context_used, prefill, stream_generate
 from .loading import OneLineError, one_line
 from .prefix_cache import PrefixCache
@@ -181,7 +182,7 @@ class Conversation:
             prefix, ids = self._fit(lambda: self._rendered_before("\n\n".join(self.documents)), reserve=0)
             # kept only for a conversation's start: the case that repeats, and fewer writes to the disk
             keep = self.prefixes if not self.messages else None
-            hit = keep.get(prefix, self._check_cache) if keep else None
+            hit = keep.get(prefix, self.ids + ids, self._check_cache) if keep else None
             if hit:  # prefilled before, by this or an earlier conversation
                 self.cache, self.ids = hit
             else:
@@ -307,7 +308,7 @@ class Conversation:
         if not Path(path).is_file():
             raise ChatError(f"{path}: no such session file")
         try:
-            cache, meta = load_prompt_cache(path, return_metadata=True)
+            cache, meta = read_cache_file(path)
             if meta.get("clsa_mlx_session") != "1" and "tokenizer_config" in meta:
                 raise ChatError(f"{path}: an mlx_lm.cache_prompt file holds the model's state but not the text "
                                 "it stands for, which the chat needs; continue it with mlx_lm generate "
@@ -329,34 +330,7 @@ class Conversation:
         self.system, self.text_in_cache = session["system"] or None, session["text_in_cache"]
 
     def _check_cache(self, cache, n_ids: int):
-        fresh = self.model.make_cache()
-        if len(cache) != len(fresh):
-            raise ValueError(f"{len(cache)} caches, the model has {len(fresh)}")
-        for i, (c, f, (heads, kd, vd)) in enumerate(zip(cache, fresh, self.model.cache_shapes())):
-            # by name, as a file records it: our window cache loads as mlx-lm's (clsa_mlx.cache)
-            if type(c).__name__ != type(f).__name__ or getattr(c, "max_size", None) != getattr(f, "max_size", None):
-                raise ValueError(f"cache {i} is a {type(c).__name__} of size {getattr(c, 'max_size', None)}, "
-                                 f"the model's is a {type(f).__name__} of size {getattr(f, 'max_size', None)}")
-            if isinstance(c, ArraysCache):
-                if c[0] is not None and tuple(c[0].shape) != (1, heads, kd, vd):
-                    raise ValueError(f"retention state {i} has shape {tuple(c[0].shape)}, expected {(1, heads, kd, vd)}")
-                continue
-            if c.keys is None:
-                if c.offset:
-                    raise ValueError(f"cache {i}: offset {c.offset} with no keys")
-                continue
-            rows = c.keys.shape[2]
-            if (c.keys.shape[:2] != (1, heads) or c.keys.shape[3] != kd or c.values.shape != (1, heads, rows, vd)
-                    or not 0 <= c.offset or (not isinstance(c, RotatingKVCache) and c.offset > rows)
-                    or (isinstance(c, RotatingKVCache) and not (
-                        # after a prompt chunk mlx-lm keeps the window plus the chunk (rows == _idx);
-                        # one-token steps allocate rows ahead of the offset, up to the window
-                        0 <= c._idx <= min(rows, c.offset) and (rows <= c.max_size or c._idx == rows)
-                        and c.keep == 0))):
-                raise ValueError(f"cache {i}: keys {tuple(c.keys.shape)}, values {tuple(c.values.shape)}, "
-                                 f"offset {c.offset} do not fit the model")
-        if context_used(self.model, cache) != n_ids:
-            raise ValueError(f"the cache holds {context_used(self.model, cache)} tokens, the session {n_ids}")
+        check_cache(self.model, cache, n_ids)
 
 
 def _is_session(path) -> bool:
