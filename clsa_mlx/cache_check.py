@@ -11,7 +11,6 @@ from .cache import RotatingKVCache
 from .loading import safetensors_header
 
 CLASSES = {"KVCache": mlx_cache.KVCache, "RotatingKVCache": RotatingKVCache, "ArraysCache": mlx_cache.ArraysCache}
-FLOATS = (mx.float16, mx.bfloat16, mx.float32)
 FIELDS = {"KVCache": 3, "RotatingKVCache": 6, "ArraysCache": 3}
 
 
@@ -89,7 +88,7 @@ def check_cache(model, cache, n_tokens=None):
         if isinstance(f, mlx_cache.ArraysCache):
             _check_state(i, c, length, (1, heads, kd, vd))
         else:
-            _check_rows(i, c, f, length, dtype if i >= n_self else None, (heads, kd, vd))
+            _check_rows(i, c, f, length, dtype, (heads, kd, vd))
     if n_tokens is not None and length != n_tokens:
         raise CacheError(f"the cache holds {length} tokens, its token list {n_tokens}")
 
@@ -118,9 +117,6 @@ def _check_rows(i, c, f, length, dtype, shape):
         if c.keys is not None or c.values is not None or length:
             raise CacheError(f"cache {i}: {length} tokens without both keys and values")
         return
-    # the global caches are the model's dtype (Model.reserve); a window's follows the activations
-    if dtype is None:
-        dtype = c.keys.dtype if isinstance(c.keys, mx.array) and c.keys.dtype in FLOATS else mx.float32
     for name, a, d in (("keys", c.keys, kd), ("values", c.values, vd)):
         if not (isinstance(a, mx.array) and a.ndim == 4 and a.dtype == dtype and tuple(a.shape[:2]) == (1, heads)
                 and a.shape[3] == d and a.shape[2] == c.keys.shape[2]):
@@ -128,9 +124,10 @@ def _check_rows(i, c, f, length, dtype, shape):
     rows = c.keys.shape[2]
     if not window:
         ok = length <= rows
-    else:  # after a prompt chunk mlx-lm keeps the window plus the chunk (rows == _idx); one-token
-        # steps allocate rows ahead of the offset, up to the window
-        ok = 0 <= c._idx <= min(rows, length) and (rows <= c.max_size or c._idx == rows)
+    elif length <= c.max_size:  # not yet rotated: written in order, rows allocated up to the window
+        ok = c._idx == length <= rows <= c.max_size
+    else:  # the window plus a multi-token step's rows in order, or a full window rotating at _idx
+        ok = c.max_size <= rows <= length and (c._idx == rows or (rows == c.max_size and 0 < c._idx <= rows))
     if not ok:
         raise CacheError(f"cache {i}: {rows} rows, offset {length}"
                          + (f", index {c._idx}" if window else "") + " do not fit together")
