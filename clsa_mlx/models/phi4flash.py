@@ -1,0 +1,451 @@
+"""Phi-4-mini-flash-reasoning ("SambaY", model_type phi4flash) in MLX, with the names of its
+Hugging Face checkpoint. Layers i < L/2: Mamba-1 (even) and sliding-window differential attention
+(odd); layer L/2: Mamba-1 whose scan output (before its gate) is the memory of the Gated Memory
+Units; layer L/2 + 1: full differential attention whose K/V is the one cache every cross layer
+reads; then GMU (even) and cross differential attention (odd). No positional encoding.
+
+Caches (`make_cache()`, in layer order up to L/2 + 1): `ArraysCache(2)` (conv, SSM state) per Mamba
+layer, `RotatingKVCache(window)` per sliding layer, one `KVCache` for the shared K/V. The GMU and
+cross layers keep nothing: their memory and K/V come from this call's layers L/2 and L/2 + 1.
+Attention heads are kept stripe-major (all even heads, then all odd ones) so that each stripe
+is a contiguous slice of the cache for the fused attention kernels."""
+
+import math
+import sys
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, List, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs, create_attention_mask, create_ssm_mask
+from mlx_lm.models.cache import ArraysCache, KVCache
+
+from ..cache import RotatingKVCache, refuse_max_kv_size
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str = "phi4flash"
+    vocab_size: int = 200064
+    hidden_size: int = 2560
+    intermediate_size: int = 10240
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 40
+    num_key_value_heads: int = 20
+    sliding_window: Union[int, List[Optional[int]], None] = 512
+    layer_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 262144
+    hidden_act: str = "silu"
+    mb_per_layer: int = 2
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_dt_rank: Union[int, str] = "auto"
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.sliding_window, list):  # the per-layer list the remote config class writes
+            sizes = {w for w in self.sliding_window if w is not None}
+            if len(sizes) != 1:
+                raise ValueError(f"config.json: sliding_window {self.sliding_window!r} must name one window size")
+            self.sliding_window = sizes.pop()
+        if self.mamba_dt_rank == "auto":
+            self.mamba_dt_rank = math.ceil(self.hidden_size / 16)
+        problems = []
+        L, H, Hkv = self.num_hidden_layers, self.num_attention_heads, self.num_key_value_heads
+        if L < 4 or L % 4:
+            problems.append(f"num_hidden_layers {L} must be a multiple of 4")
+        if self.mb_per_layer != 2:
+            problems.append(f"mb_per_layer {self.mb_per_layer} is not supported (2: Mamba on even layers)")
+        if self.hidden_size % H or H % 2 or Hkv % 2 or H % Hkv:
+            problems.append(f"hidden_size {self.hidden_size}, {H} heads, {Hkv} K/V heads: heads must divide the "
+                            "width, both head counts be even and K/V heads divide the heads")
+        if not isinstance(self.sliding_window, int) or self.sliding_window < 1:
+            problems.append(f"sliding_window {self.sliding_window!r} must be a positive integer")
+        if self.hidden_act != "silu":
+            problems.append(f"hidden_act {self.hidden_act!r} is not supported (silu)")
+        if problems:
+            raise ValueError("config.json: " + "; ".join(problems))
+
+    @property
+    def max_seq_len(self):
+        return self.max_position_embeddings
+
+    @property
+    def dim(self):
+        return self.hidden_size
+
+
+def lambda_init(depth: int) -> float:
+    return 0.8 - 0.6 * math.exp(-0.3 * depth)
+
+
+def stripes(x, n_heads):
+    """[B, L, n*hd] -> [B, n, L, hd] with the even heads first, then the odd ones."""
+    B, L, _ = x.shape
+    x = x.reshape(B, L, n_heads // 2, 2, -1)
+    return x.transpose(0, 3, 2, 1, 4).reshape(B, n_heads, L, -1)
+
+
+class DiffAttention(nn.Module):
+    """Two softmax maps per head pair, both over the pair's values [v1 | v2]:
+    subln(a1 - lambda a2) * (1 - lambda_init)."""
+
+    def __init__(self, head_dim: int, depth: int):
+        super().__init__()
+        self.lambda_init = lambda_init(depth)
+        self.lambda_q1 = mx.zeros((head_dim,))
+        self.lambda_k1 = mx.zeros((head_dim,))
+        self.lambda_q2 = mx.zeros((head_dim,))
+        self.lambda_k2 = mx.zeros((head_dim,))
+        self.subln = nn.RMSNorm(2 * head_dim, eps=1e-5)
+        self.scale = head_dim**-0.5
+
+    def __call__(self, q, k, v, mask):
+        h, g = q.shape[1] // 2, k.shape[1] // 2
+        sdpa = mx.fast.scaled_dot_product_attention
+        a = [
+            mx.concatenate([sdpa(q[:, i * h:(i + 1) * h], k[:, i * g:(i + 1) * g], v[:, j * g:(j + 1) * g],
+                                 scale=self.scale, mask=mask) for j in (0, 1)], axis=-1)
+            for i in (0, 1)
+        ]
+        f32 = mx.float32
+        lam = (mx.exp(mx.sum(self.lambda_q1.astype(f32) * self.lambda_k1.astype(f32)))
+               - mx.exp(mx.sum(self.lambda_q2.astype(f32) * self.lambda_k2.astype(f32))) + self.lambda_init)
+        o = self.subln(a[0] - lam.astype(q.dtype) * a[1]) * (1 - self.lambda_init)
+        B, _, L, _ = o.shape
+        return o.transpose(0, 2, 1, 3).reshape(B, L, -1)  # pair p = [head 2p | head 2p + 1]
+
+
+class Attention(nn.Module):
+    """Self attention (sliding or full: it writes its K/V) or, with `cross`, queries only,
+    reading the shared K/V."""
+
+    def __init__(self, args: ModelArgs, depth: int, cross: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.head_dim = hd = args.hidden_size // self.n_heads
+        self.cross = cross
+        out = self.n_heads * hd if cross else (self.n_heads + 2 * self.n_kv_heads) * hd
+        self.Wqkv = nn.Linear(args.hidden_size, out, bias=True)
+        self.out_proj = nn.Linear(self.n_heads * hd, args.hidden_size, bias=True)
+        self.inner_cross_attn = DiffAttention(hd, depth)
+
+    def __call__(self, x, mask, cache=None, shared=None):
+        """Returns the output and the K/V this layer read (the shared cache for layer L/2 + 1)."""
+        qkv = self.Wqkv(x)
+        if self.cross:
+            k, v = shared
+            q = qkv
+        else:
+            q_end, k_end = self.n_heads * self.head_dim, (self.n_heads + self.n_kv_heads) * self.head_dim
+            q, k, v = mx.split(qkv, (q_end, k_end), axis=-1)
+            k, v = cache.update_and_fetch(stripes(k, self.n_kv_heads), stripes(v, self.n_kv_heads))
+        o = self.inner_cross_attn(stripes(q, self.n_heads), k, v, mask)
+        return self.out_proj(o), (k, v)
+
+
+def ssm_step(h, x, dt, A, Bm, C, D):
+    """One token of the selective scan: h [B, D, N]; x, dt [B, D]; Bm, C [B, N] (fp32)."""
+    h = h * mx.exp(dt[..., None] * A) + (dt * x)[..., None] * Bm[:, None, :]
+    return (h @ C[..., None])[..., 0] + D * x, h
+
+
+ssm_step_compiled = mx.compile(ssm_step)
+
+
+def ssm_scan_ref(x, dt, A, Bm, C, D, h):
+    """Token by token: x, dt [B, L, D]; Bm, C [B, L, N]; h [B, D, N]. Returns y [B, L, D] and h."""
+    ys = []
+    for t in range(x.shape[1]):
+        y, h = ssm_step(h, x[:, t], dt[:, t], A, Bm[:, t], C[:, t], D)
+        ys.append(y)
+    return mx.stack(ys, axis=1), h
+
+
+def _chunk_ends(x, dt, A, Bm):
+    """State at each chunk's end from a zero start, and each chunk's total decay (log)."""
+    s = mx.zeros((*x.shape[:2], *A.shape), mx.float32)
+    for t in range(x.shape[2]):
+        s = s * mx.exp(dt[:, :, t, :, None] * A) + (dt[:, :, t] * x[:, :, t])[..., None] * Bm[:, :, t, None, :]
+    return s, dt.sum(axis=2)[..., None] * A
+
+
+def _chunk_outputs(x, dt, A, Bm, C, D, s):
+    ys = []
+    for t in range(x.shape[2]):
+        s = s * mx.exp(dt[:, :, t, :, None] * A) + (dt[:, :, t] * x[:, :, t])[..., None] * Bm[:, :, t, None, :]
+        ys.append((s @ C[:, :, t, :, None])[..., 0] + D * x[:, :, t])
+    return mx.stack(ys, axis=2)
+
+
+_chunk_ends_compiled = mx.compile(_chunk_ends)
+_chunk_outputs_compiled = mx.compile(_chunk_outputs)
+
+
+def ssm_scan(x, dt, A, Bm, C, D, h):
+    """The same scan in about sqrt(2L) chunks of c tokens: every chunk's end state from a zero
+    start (c steps over all chunks at once), the true start states chunk by chunk, then the
+    outputs from those (c steps again). 2c + L/c small steps instead of L; no [L, D, N] tensor."""
+    B, L, Dn = x.shape
+    if L == 1:
+        y, h = ssm_step_compiled(h, x[:, 0], dt[:, 0], A, Bm[:, 0], C[:, 0], D)
+        return y[:, None], h
+    c = max(1, round(math.sqrt(L / 2)))
+    n = -(-L // c)
+    pad = [(0, 0), (0, n * c - L), (0, 0)]  # padded steps: dt = 0, no decay and no input
+
+    def chunks(a):
+        return mx.pad(a, pad).reshape(B, n, c, a.shape[-1])
+
+    x, dt, Bm, C = chunks(x), chunks(dt), chunks(Bm), chunks(C)
+    ends, decay = _chunk_ends_compiled(x, dt, A, Bm)
+    starts = []
+    for i in range(n):
+        starts.append(h)
+        h = h * mx.exp(decay[:, i]) + ends[:, i]
+    y = _chunk_outputs_compiled(x, dt, A, Bm, C, D, mx.stack(starts, axis=1))
+    return y.reshape(B, n * c, Dn)[:, :L], h
+
+
+class Conv(nn.Module):
+    """Depthwise causal convolution; weight [channels, 1, width] as in the checkpoint."""
+
+    def __init__(self, channels: int, width: int, bias: bool):
+        super().__init__()
+        self.weight = mx.zeros((channels, 1, width))
+        if bias:
+            self.bias = mx.zeros((channels,))
+
+    def __call__(self, x_full, L):
+        K = self.weight.shape[-1]
+        w = self.weight[:, 0].T
+        y = sum(x_full[:, k:k + L] * w[k] for k in range(K))
+        return y + self.bias if "bias" in self else y
+
+
+class Mamba(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D, self.d_inner = args.hidden_size, args.mamba_expand * args.hidden_size
+        self.d_state, self.dt_rank, self.d_conv = args.mamba_d_state, args.mamba_dt_rank, args.mamba_d_conv
+        self.in_proj = nn.Linear(D, 2 * self.d_inner, bias=args.mamba_proj_bias)
+        self.conv1d = Conv(self.d_inner, self.d_conv, args.mamba_conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        A = mx.arange(1, self.d_state + 1, dtype=mx.float32)
+        self.A_log = mx.log(mx.broadcast_to(A, (self.d_inner, self.d_state)))
+        self.D = mx.ones((self.d_inner,))
+        self.out_proj = nn.Linear(self.d_inner, D, bias=args.mamba_proj_bias)
+
+    def __call__(self, x, mask, cache):
+        """Returns the output and the scan's output before the gate (the GMU memory)."""
+        B, L, _ = x.shape
+        f32 = mx.float32
+        xs, z = mx.split(self.in_proj(x), 2, axis=-1)
+        if mask is not None:  # a batch's padding: no input, and (dt = 0 below) no decay
+            xs = mx.where(mask[..., None], xs, 0)
+        conv_state = cache[0] if cache[0] is not None else mx.zeros((B, self.d_conv - 1, self.d_inner), xs.dtype)
+        x_full = mx.concatenate([conv_state, xs], axis=1)
+        keep = self.d_conv - 1
+        if cache.lengths is not None:  # a right-padded prompt chunk: the last inputs of each row
+            ends = mx.clip(cache.lengths, 0, L)
+            cache[0] = mx.take_along_axis(x_full, (ends[:, None] + mx.arange(keep))[..., None], axis=1)
+        else:
+            cache[0] = x_full[:, -keep:]
+        xs = nn.silu(self.conv1d(x_full, L))
+        dt, Bm, C = mx.split(self.x_proj(xs), (self.dt_rank, self.dt_rank + self.d_state), axis=-1)
+        dt = nn.softplus(self.dt_proj(dt).astype(f32))
+        xs = xs.astype(f32)
+        if mask is not None:
+            dt, xs = mx.where(mask[..., None], dt, 0), mx.where(mask[..., None], xs, 0)
+        h = cache[1] if cache[1] is not None else mx.zeros((B, self.d_inner, self.d_state), f32)
+        A = -mx.exp(self.A_log.astype(f32))
+        y, cache[1] = ssm_scan(xs, dt, A, Bm.astype(f32), C.astype(f32), self.D.astype(f32), h)
+        cache.advance(L)
+        memory = y.astype(x.dtype)
+        return self.out_proj(memory * nn.silu(z)), memory
+
+
+class GMU(nn.Module):
+    """Gated Memory Unit: out_proj(silu(in_proj(x)) * memory)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d_inner = args.mamba_expand * args.hidden_size
+        self.in_proj = nn.Linear(args.hidden_size, d_inner, bias=args.mamba_proj_bias)
+        self.out_proj = nn.Linear(d_inner, args.hidden_size, bias=args.mamba_proj_bias)
+
+    def __call__(self, x, memory):
+        return self.out_proj(nn.silu(self.in_proj(x)) * memory)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.fc1 = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
+        self.fc2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+
+    def __call__(self, x):
+        gate, up = mx.split(self.fc1(x), 2, axis=-1)
+        return self.fc2(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, i: int):
+        super().__init__()
+        half = args.num_hidden_layers // 2
+        self.kind = ("mamba" if i <= half else "gmu") if i % 2 == 0 else ("attn" if i <= half + 1 else "cross")
+        self.input_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+        self.mlp = MLP(args)
+        if self.kind == "mamba":
+            self.attn = Mamba(args)
+        elif self.kind == "gmu":
+            self.attn = GMU(args)
+        else:
+            self.attn = Attention(args, i, cross=self.kind == "cross")
+
+    def __call__(self, x, mixer_out):
+        h = x + mixer_out
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Phi4FlashModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.final_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+
+    def __call__(self, x, cache):
+        half, W = self.args.num_hidden_layers // 2, self.args.sliding_window
+        ssm_mask = create_ssm_mask(x, cache[0])
+        window_mask = create_attention_mask(x, cache[1], window_size=W)
+        full_mask = create_attention_mask(x, cache[half + 1])
+        memory = shared = None
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            if layer.kind == "mamba":
+                out, memory = layer.attn(h, ssm_mask, cache[i])
+            elif layer.kind == "gmu":
+                out = layer.attn(h, memory)
+            elif layer.kind == "cross":
+                out, _ = layer.attn(h, full_mask, shared=shared)
+            elif i == half + 1:
+                out, shared = layer.attn(h, full_mask, cache[i])
+            else:
+                out, _ = layer.attn(h, window_mask, cache[i])
+            x = layer(x, out)
+        return self.final_layernorm(x)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = Phi4FlashModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=args.lm_head_bias)
+
+    def __call__(self, inputs: mx.array, cache: Optional[List[Any]] = None, input_embeddings=None):
+        """Logits of every position of the call. Prompt chunks whose logits are never evaluated
+        run only the layers whose caches they write (MLX is lazy): up to layer L/2 + 1."""
+        if cache is None:
+            cache = self.make_cache()
+        if input_embeddings is None:
+            input_embeddings = self.model.embed_tokens(self._vocabulary_ids(inputs, cache))
+        x = self.model(input_embeddings, cache)
+        return self.lm_head(x) if "lm_head" in self else self.model.embed_tokens.as_linear(x)
+
+    def _vocabulary_ids(self, inputs, cache):
+        V = self.args.vocab_size
+        if inputs.shape[-1] > 1 or cache[-1].keys is None:
+            bad = (inputs < 0) | (inputs >= V)
+            try:
+                found = bad.any().item()
+            except ValueError:  # traced under mx.compile
+                found = False
+            if found:
+                first = inputs.reshape(-1)[mx.argmax(bad.reshape(-1))].item()
+                raise ValueError(f"token id {first} is outside the vocabulary (0..{V - 1})")
+        return mx.clip(inputs, 0, V - 1)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    @property
+    def self_decoder(self):
+        """The layers with a cache of their own but the shared K/V's (the chat and `generate`
+        find the shared K/V right after them)."""
+        return SimpleNamespace(layers=self.model.layers[: self.args.num_hidden_layers // 2 + 1])
+
+    def make_cache(self):
+        refuse_max_kv_size(sys._getframe(1))
+        caches = []
+        for layer in self.model.layers[: self.args.num_hidden_layers // 2 + 2]:
+            if layer.kind == "mamba":
+                caches.append(ArraysCache(size=2))
+            elif layer is self.model.layers[self.args.num_hidden_layers // 2 + 1]:
+                caches.append(KVCache())
+            else:
+                caches.append(RotatingKVCache(max_size=self.args.sliding_window))
+        return caches
+
+    def reserve(self, cache, n_tokens: int, batch_size: int = 1):
+        """Size the shared K/V for `n_tokens` more tokens at once (mlx-lm's KVCache would copy
+        itself at every prompt chunk)."""
+        c = cache[-1]
+        size = -(-(c.offset + n_tokens) // c.step) * c.step
+        if c.keys is not None and c.keys.shape[2] >= size:
+            return
+        self._resize(c, batch_size if c.keys is None else c.keys.shape[0], size)
+
+    def release(self, cache):
+        c = cache[-1]
+        size = -(-c.offset // c.step) * c.step
+        if c.keys is None or c.keys.shape[2] <= size:
+            return
+        if size == 0:
+            c.keys = c.values = None
+            return
+        self._resize(c, c.keys.shape[0], size)
+
+    def _resize(self, c, B, size):
+        a = self.args
+        hd = a.hidden_size // a.num_attention_heads
+        dtype = self.model.final_layernorm.weight.dtype
+        keys = mx.zeros((B, a.num_key_value_heads, size, hd), dtype)
+        values = mx.zeros((B, a.num_key_value_heads, size, hd), dtype)
+        if c.offset:
+            keys[..., : c.offset, :] = c.keys[..., : c.offset, :]
+            values[..., : c.offset, :] = c.values[..., : c.offset, :]
+        c.keys, c.values = keys, values
+
+    def stack_projections(self, materialize: bool = True):
+        """The checkpoint's projections are already stacked (Wqkv, fc1, in_proj)."""
+        if materialize:
+            mx.eval(self.parameters())
+        return self
+
+    def sanitize(self, weights: dict) -> dict:
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)  # a tied model reads the embedding
+        for k, v in weights.items():
+            base = k.rsplit(".", 1)[0]
+            packed = f"{base}.scales" in weights and k.endswith((".weight", ".scales"))
+            if not (mx.issubdtype(v.dtype, mx.floating) or packed and v.dtype in (mx.uint32, mx.uint8)):
+                raise ValueError(f"tensor {k} has dtype {v.dtype}, not a floating-point type")
+        return weights
+
+    @property
+    def quant_predicate(self):
+        return lambda path, module: isinstance(module, (nn.Linear, nn.Embedding))

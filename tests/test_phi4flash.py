@@ -1,0 +1,166 @@
+"""Phi-4-mini-flash (SambaY) against the fp32 PyTorch reference (torch_ref/phi4flash.py), random
+weights at small configurations with every layer kind: 8 and 12 layers, 2 K/V heads per stripe,
+window 8, prompts shorter and longer than it. Logits within 1e-4 for the whole prompt, chunked
+prefill and token by token; batched = one at a time; the scan's chunked form = its step form."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten
+from mlx_lm.generate import batch_generate, generate_step
+
+from clsa_mlx.models import phi4flash as pf
+from torch_ref.phi4flash import Phi4Flash, randomize
+
+TOL = 1e-4
+
+
+def small_config(layers=8, **overrides):
+    return {**dict(model_type="phi4flash", vocab_size=96, hidden_size=64, intermediate_size=96,
+                   num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, sliding_window=8,
+                   mamba_d_state=8, tie_word_embeddings=True), **overrides}
+
+
+def build(cfg, seed=0):
+    ref = randomize(Phi4Flash(cfg), seed).eval()
+    model = pf.Model(pf.ModelArgs.from_dict(cfg))
+    weights = {k: mx.array(v.detach().numpy()) for k, v in ref.state_dict().items()}
+    model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    mx.eval(model.parameters())
+    return ref, model
+
+
+def ref_logits(ref, ids):
+    with torch.no_grad():
+        return ref(torch.tensor([ids])).numpy()[0]
+
+
+def diff(a, b):
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+@pytest.fixture(scope="module", params=[8, 12])
+def pair(request):
+    return build(small_config(request.param), seed=request.param)
+
+
+def tokens(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 96, n).tolist()
+
+
+@pytest.mark.parametrize("n", [5, 8, 23])
+def test_whole_prompt(pair, n):
+    ref, model = pair
+    ids = tokens(n, n)
+    assert diff(model(mx.array([ids]))[0], ref_logits(ref, ids)) < TOL
+
+
+@pytest.mark.parametrize("chunks", [(3, 4, 9, 1, 6), (11, 12), (1,) * 23])
+def test_chunked_and_token_by_token(pair, chunks):
+    ref, model = pair
+    ids = tokens(sum(chunks), 7)
+    cache, out, start = model.make_cache(), [], 0
+    for c in chunks:
+        out.append(model(mx.array([ids[start:start + c]]), cache=cache)[0])
+        mx.eval([x.state for x in cache])
+        start += c
+    assert diff(mx.concatenate(out), ref_logits(ref, ids)) < TOL
+    assert cache[-1].offset == len(ids)
+
+
+def test_untied_head_and_list_window():
+    cfg = small_config(tie_word_embeddings=False)
+    ref, model = build({**cfg}, seed=5)
+    listed = pf.ModelArgs.from_dict({**cfg, "sliding_window": [None, 8, None, 8, None, None, None, None]})
+    assert listed.sliding_window == 8 and "lm_head" in model
+    ids = tokens(13, 2)
+    assert diff(model(mx.array([ids]))[0], ref_logits(ref, ids)) < TOL
+
+
+def test_scan_chunked_equals_steps():
+    rng = np.random.default_rng(0)
+    B, D, N = 2, 12, 5
+    A = -mx.array(rng.uniform(0.5, 16, (D, N)), mx.float32)
+    Dv = mx.array(rng.normal(size=D), mx.float32)
+    h0 = mx.array(rng.normal(size=(B, D, N)), mx.float32)
+    for L in (1, 2, 7, 50, 129):
+        x, Bm, C = (mx.array(rng.normal(size=s), mx.float32) for s in ((B, L, D), (B, L, N), (B, L, N)))
+        dt = mx.array(rng.uniform(0, 0.5, (B, L, D)), mx.float32)
+        y, h = pf.ssm_scan(x, dt, A, Bm, C, Dv, h0)
+        y_ref, h_ref = pf.ssm_scan_ref(x, dt, A, Bm, C, Dv, h0)
+        assert diff(y, y_ref) < 1e-5 and diff(h, h_ref) < 1e-5, L
+
+
+def test_caches_and_what_prompts_run(pair):
+    ref, model = pair
+    L = model.args.num_hidden_layers
+    cache = model.make_cache()
+    assert len(cache) == L // 2 + 2 and len(model.self_decoder.layers) == L // 2 + 1
+    model(mx.array([tokens(20)]), cache=cache)
+    mx.eval([c.state for c in cache])
+    kinds = [type(c).__name__ for c in cache]
+    assert kinds == ["ArraysCache", "RotatingKVCache"] * (L // 4) + ["ArraysCache", "KVCache"]
+    assert cache[1].keys.shape[2] <= 8 + 19  # a window layer keeps its window (plus the chunk)
+    assert cache[-1].offset == 20 and cache[-1].keys.shape[1] == 4 and cache[-1].keys.shape[3] == 8
+
+
+def test_prompt_caches_do_not_read_the_cross_decoder():
+    # The caches of a prompt chunk depend on layers up to L/2 + 1 only, so evaluating them (as
+    # mlx-lm's prompt loop does) computes nothing of the GMU and cross layers.
+    _, model = build(small_config(), seed=1)
+    ids = mx.array([tokens(12)])
+    want = model.make_cache()
+    model(ids, cache=want)
+    for layer in model.layers[model.args.num_hidden_layers // 2 + 2:]:
+        layer.attn.out_proj.weight = mx.full(layer.attn.out_proj.weight.shape, mx.nan)
+    got = model.make_cache()
+    logits = model(ids, cache=got)
+    mx.eval([c.state for c in got])
+    for a, b in zip(got, want):
+        for x, y in zip(tree_flatten(a.state), tree_flatten(b.state)):
+            assert x[1] is None and y[1] is None or mx.array_equal(x[1], y[1])
+    assert mx.isnan(logits).all()
+
+
+def test_batched_equals_one_at_a_time(pair):
+    _, model = pair
+    ps = [tokens(n, n) for n in (3, 11, 20)]
+
+    def greedy(logits):
+        return mx.argmax(logits, axis=-1)
+
+    want = []
+    for p in ps:
+        want.append([int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=6, sampler=greedy)])
+    got = batch_generate(model, _Tok(), ps, max_tokens=6, prefill_step_size=16, sampler=greedy)
+    assert [list(map(int, r)) for r in got.texts] == want
+
+
+class _Tok:
+    """batch_generate needs only ids in and out."""
+
+    eos_token_ids = set()
+
+    def decode(self, ids):
+        return list(ids)
+
+    @property
+    def detokenizer(self):
+        raise AttributeError
+
+
+def test_shapes_at_the_published_configuration():
+    from tests.phi4flash_fixtures import published_index
+
+    args = pf.ModelArgs.from_dict(published_config())
+    model = pf.Model(args)  # arrays are lazy: nothing of 3.8B parameters is allocated here
+    shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    assert shapes == published_index()
+    assert len(shapes) == 434
+
+
+def published_config():
+    from tests.phi4flash_fixtures import PUBLISHED_CONFIG
+
+    return dict(PUBLISHED_CONFIG)
