@@ -1,7 +1,7 @@
 """bench_kernels.py runs of two kernel versions side by side: decode routing and select_kv time
 per T, one line per run, the versions' medians printed.
 
-    python benchmarks/compare_bench.py --out benchmarks/results/bench_kernels_compare \
+    python benchmarks/compare_bench.py --out OUT/bench_kernels_compare \
         after=run_a.json,run_c.json before=run_b.json
 """
 

@@ -1,8 +1,8 @@
 """eval_quality.py runs of two or more model versions on the same questions, side by side:
 real-document lookups per length (CLSA and dense twin) and CLSA per kind at one length.
 
-    python benchmarks/compare_quality.py --out benchmarks/results/quality_versions \
-        v5=benchmarks/results/quality_v5.json v6=benchmarks/results/quality.json
+    python benchmarks/compare_quality.py --out OUT/quality_versions \
+        old=OLD/quality.json new=benchmarks/results/quality.json
 """
 
 import argparse

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Where a paper-4b step's time goes on the GPU box (MLX CUDA installed). Run 3 (session 4,
-# results/profile_step_run3.jsonl): one 2048-token prefill chunk over a 128K cache, part by part,
-# and the 32K prefill: window attention in query blocks, as one masked SDPA call, and blocks with
-# cuDNN SDPA off (each setting its own process: MLX reads its knobs once). Runs 1-2 (decode) are
-# in git, see benchmarks/results/README.md; one layer's parts: benchmarks/prefill_parts.py.
+# Where a paper-4b prefill's time goes on a GPU machine (MLX CUDA installed): one 2048-token
+# prefill chunk over a 128K cache, part by part, and the 32K prefill: window attention in query
+# blocks, as one masked SDPA call, and blocks with cuDNN SDPA off (each setting its own process:
+# MLX reads its knobs once). The decode step: benchmarks/results/README.md (profile_step); one
+# layer's parts: benchmarks/prefill_parts.py.
 #   bash benchmarks/gpu_profile.sh -> $OUT/profile_step.jsonl, profile.log
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
