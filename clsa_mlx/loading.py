@@ -16,7 +16,7 @@ from mlx_lm.utils import load_model as _mlx_lm_load_model
 from .config import ModelArgs
 from .model import Model
 
-MODEL_TYPES = ("clsa", "yoco")
+MODEL_TYPES = ("clsa", "yoco", "phi4flash")
 SHIPPED = Path(__file__).parent / "shipped"
 MODEL_FILE = "clsa_mlx_model.py"  # mlx-lm's `model_file` in the folders we write
 
@@ -89,6 +89,10 @@ def check_vocab(tokenizer, vocab_size: int, where) -> None:
 
 def get_model_classes(config: dict):
     model_type = config.get("model_type")
+    if model_type == "phi4flash":
+        from .models import phi4flash
+
+        return phi4flash.Model, phi4flash.ModelArgs
     if model_type not in MODEL_TYPES:
         raise ValueError(f"config.json: model_type {model_type!r} is not one of {MODEL_TYPES}")
     return Model, ModelArgs

@@ -45,3 +45,58 @@ def published_index(cfg=PUBLISHED_CONFIG):
             for lam in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
                 out[a + "inner_cross_attn." + lam] = (hd,)
     return out
+
+
+# The published template's shape: <|role|>content<|end|> per message, then <|assistant|>.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def tokenizer():
+    """Byte-level BPE without merges plus the model's chat specials (as its tokenizer.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+def write_hf_folder(folder, cfg, state_dict, shards=2, list_window=False):
+    """A folder laid out as the model is published: config.json (auto_map to the remote code),
+    `model-0000N-of-0000M.safetensors` in bf16 with their index, tokenizer.json and its config."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {**cfg, "architectures": ["Phi4FlashForCausalLM"], "torch_dtype": "bfloat16",
+              "auto_map": {"AutoConfig": "configuration_phi4flash.Phi4FlashConfig",
+                           "AutoModelForCausalLM": "modeling_phi4flash.Phi4FlashForCausalLM"}}
+    if list_window:
+        L, W = cfg["num_hidden_layers"], cfg["sliding_window"]
+        config["sliding_window"] = [W if i < L // 2 and i % 2 else None for i in range(L)]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    names = sorted(state_dict)
+    weight_map, total = {}, 0
+    for s in range(shards):
+        part = names[s::shards]
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = {k: state_dict[k].detach().to(torch.bfloat16).contiguous() for k in part}
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({k: file for k in part})
+        total += sum(t.numel() * 2 for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    tokenizer().save_pretrained(str(folder))
+    return folder

@@ -164,3 +164,27 @@ def published_config():
     from tests.phi4flash_fixtures import PUBLISHED_CONFIG
 
     return dict(PUBLISHED_CONFIG)
+
+
+def hf_config(**overrides):
+    return small_config(vocab_size=272, **overrides)  # 256 bytes + the chat specials
+
+
+@pytest.mark.parametrize("list_window", [False, True])
+def test_load_the_published_folder_layout(tmp_path, list_window):
+    import clsa_mlx
+    from tests.phi4flash_fixtures import write_hf_folder
+
+    cfg = hf_config()
+    ref = randomize(Phi4Flash(cfg), 4)
+    folder = write_hf_folder(tmp_path / "hf", cfg, ref.state_dict(), list_window=list_window)
+    model, tok = clsa_mlx.load(str(folder))
+    assert isinstance(model, pf.Model) and model.args.sliding_window == 8
+    got = dict(tree_flatten(model.parameters()))
+    for k, v in ref.state_dict().items():
+        assert got[k].dtype == mx.bfloat16
+        assert mx.array_equal(got[k], mx.array(v.to(torch.bfloat16).float().numpy()).astype(mx.bfloat16)), k
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert tok.decode(prompt) == "<|user|>hi<|end|><|assistant|>"
+    text = clsa_mlx.generate(model, tok, prompt, max_tokens=4)
+    assert isinstance(text, str)
