@@ -36,17 +36,17 @@ def context_used(model, prompt_cache) -> int:
     return prompt_cache[len(model.self_decoder.layers)].offset if prompt_cache else 0
 
 
-def prefill(model, tokens, cache, step: int = 2048, progress=None, chunk_seconds=None):
+def prefill(model, tokens, cache, step: int = 2048, progress=None, chunk_seconds=None, stream=None):
     """Run `tokens` into `cache`, `step` at a time. Unlike mlx-lm's loop it keeps MLX's buffer
     cache between chunks: every chunk needs the same scratch, and freeing it costs a re-allocation.
     With `chunk_seconds`, chunks start at 256 tokens and double or halve (up to `step`) to take
     about that long: Python sees Ctrl-C only between chunks, and a slow machine then still
-    honours it within about that time."""
+    honours it within about that time. `stream`: where it runs (mlx-lm's generation stream by default)."""
     tokens, n, start = mx.array(tokens), len(tokens), 0
     size = min(step, 256) if chunk_seconds else step
     if progress:
         progress(0, n)  # the start: a progress line (and its clock) from the first chunk on
-    with mx.stream(generation_stream):
+    with mx.stream(stream or generation_stream):
         while start < n:
             t0 = time.perf_counter()
             model(tokens[start:start + size][None], cache=cache)
