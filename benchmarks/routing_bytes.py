@@ -8,7 +8,7 @@ bandwidths.
 row (C x 1 KB each, so C^2 KB a level), and the select pass summed them once more.
 "after": each histogram pass adds its chunk into a 256-bin row total (device atomics into
 an MLX-zeroed output), and the next pass reads 1 KB of totals plus its own chunk's row; the
-last digit is picked in the write pass (session 9), whose groups each read the total and three
+last digit is picked in the write pass, whose groups each read the total and three
 counts per earlier chunk.
 The count is of bytes requested; the GPU's caches serve part of the repeated histogram
 reads, so the "before" time at DRAM bandwidth is an upper bound.

@@ -7,7 +7,7 @@ from dataclasses import fields
 from .config import ModelArgs
 from .loading import OneLineError
 
-# official runtime fields of params.json that do not describe the model (yoco-official-code.md §2.1)
+# official runtime fields of params.json that do not describe the model (the official YOCO code's ModelArgs)
 OFFICIAL_RUNTIME_KEYS = ("max_batch_size", "model_parallel_size", "load_checkpoint")
 REQUIRED_KEYS = ("dim", "n_layers", "hidden_dim", "n_self_heads", "n_attn_heads", "n_attn_kv_heads", "vocab_size")
 MODEL_ARG_NAMES = tuple(f.name for f in fields(ModelArgs))
@@ -36,7 +36,7 @@ def _fla_layer(rest: str) -> str:
 
 
 def fla_to_official(name: str) -> str:
-    """FLA/HF-style YOCO name -> official name (yoco-official-code.md §2.4); unknown names are kept."""
+    """FLA/HF-style YOCO name -> official name; unknown names are kept."""
     if name.startswith("model.embeddings."):
         return "embed_tokens." + name[len("model.embeddings."):]
     if name.startswith("lm_head."):

@@ -36,7 +36,7 @@ def window_attention_blocks(q, k, v, scale: float, window: int):
 
 
 # One fused graph per chunk shape: the blocks' padding, spans and mask are ~20 small ops that
-# otherwise launch one by one (whole 128K prompt 1.09x on the H200, results/prefill_parts_run7).
+# otherwise launch one by one (whole 128K prompt 1.09x on the H200, results/prefill_parts.jsonl).
 window_attention_blocks_compiled = mx.compile(window_attention_blocks)
 
 

@@ -1,7 +1,7 @@
 """Checkpoints written by real torch in every input layout the converter reads (test helpers).
 
 The FLA name map here is written out independently of clsa_mlx/convert.py (from
-yoco-official-code.md §2.4), so the tests check the converter's mapping, not echo it.
+the two codebases' state dicts), so the tests check the converter's mapping, not echo it.
 """
 
 import json

@@ -42,7 +42,7 @@ def tokens(B=2, T=12, seed=1, vocab=97):
 
 
 def official_keys(n_layers, self_decoder):
-    """The exact key set of yoco-official-code.md §2.3."""
+    """The exact key set of the official YOCO state dict."""
     keys = {"embed_tokens.weight", "output_projection.weight", "layer_norm.weight",
             "cross_decoder.kv_layer_norm.weight", "cross_decoder.k_proj.weight", "cross_decoder.v_proj.weight"}
     mix = ["q_proj", "k_proj", "v_proj", "out_proj"] + (["g_proj", "gt_proj"] if self_decoder == "gated_retention" else [])

@@ -2,7 +2,7 @@
 
 One file, full-sequence forward only (no caches): the test oracle for the MLX port, the
 writer of official-format checkpoints for the converter, and the training model.
-Parameter names are the official YOCO ones (yoco-official-code.md §2.3).
+Parameter names are the official YOCO ones (microsoft/unilm, yoco/).
 """
 
 import json

@@ -27,8 +27,8 @@ SYLLABLES = "ba be bi bo bu da de di do du ka ke ki ko ku la le li lo lu ma me m
 NOTE_NAMES = ["notes.txt", "log.txt", "report.md", "memo.txt", "data.txt", "README"]
 
 W_ANSWER, W_TEXT, W_CONTEXT = 1.0, 0.2, 0.05  # per-token loss weights: answers dominate the signal
-# How often each lookup kind is asked first: long quotes (a docstring line, a whole line) were
-# version 2's weakest, and mentions still were version 5's; synthetic needles are found every
+# How often each lookup kind is asked first: long quotes (a docstring line, a whole line) are
+# the weakest, mentions most of all; synthetic needles are found every
 # time, so lookups are 80% of chat tasks.
 KIND_WEIGHTS = dict(value=1.0, signature=0.8, default=0.6, doc=1.6, mention=3.0)
 LOOKUP_SHARE = 0.8
@@ -151,7 +151,7 @@ class Sampler:
             return self.synthetic_turns(chars, "kv")
         i = self.rng.choice(self.kinds[kind])
         d = self.docs[i]
-        # Training asks new phrases every time: version 2 learnt the fixed ones by heart (98% of
+        # Training asks new phrases every time: a model learnt fixed ones by heart (98% of
         # training answer tokens right). Evaluations keep the fixed ones, to compare versions.
         fresh = [list(f) for f in lookup.mention_facts(d["text"], self.rng, n=4)] if self.fresh_mentions else []
         found = [f for f in d["facts"] if f[0] != "mention"] + fresh if fresh else d["facts"]

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The shipped model's GPU run on one H200: dense -> warmup -> joint, by default for two models at
 # once, one for 8 bits (GPU_CONFIG: ~22M parameters) and an fp16 one of the same bytes (~12M,
-# version 2's size). Detach it (setsid) and poll: it outlasts one device call.
+# the shipped size). Detach it (setsid) and poll: it outlasts one device call.
 #   carry .train/box (training/prepare.py's folder)
 #   setsid bash training/gpu_train.sh .train/box /tmp/run DENSE_MINUTES [JOINT_MINUTES] > /tmp/run.log 2>&1 &
 #   -> /tmp/run/{big,small}/{dense,warmup,joint}(.log), then /tmp/run/done
 #   MODELS=small (or big) trains one alone: the 22M one ran 470K tokens/s alone, 220K side by side
-#   JOINT_SEQ=16384 trains the joint stage on longer rows (version 4)
-#   INIT=CHECKPOINT starts the dense stage from it, LR= sets that stage's peak (1e-3 continued the
-#   22M model in session 8). The shipped folder travels with the tree; on the box:
+#   JOINT_SEQ=16384 trains the joint stage on longer rows
+#   INIT=CHECKPOINT starts the dense stage from it, LR= sets that stage's peak (1e-3 to continue
+#   a trained model). The shipped folder travels with the tree; on the box:
 #   python3 training/from_mlx.py clsa_mlx/shipped /tmp/init && INIT=/tmp/init LR=1e-3 MODELS=small ...
 set -eo pipefail
 export PYTHONUNBUFFERED=1

@@ -26,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from torch_ref.model import Model, ModelArgs, indexer_kd_loss, load_official, save_official  # noqa: E402
 from training.data import W_ANSWER, Sampler, read_docs  # noqa: E402
 
-# The 22M model of session 8 (not shipped: 8 bits are slow on MLX's CPU); --override changes it
+# A 22M model (not shipped: 8 bits are slow on MLX's CPU); --override changes it
 # (the shipped fp16 model: dim 256, hidden_dim 768, 4 heads; training/gpu_train.sh MODELS=small).
 GPU_CONFIG = dict(
     model_type="clsa", dim=384, n_layers=10, hidden_dim=1024, n_self_heads=6, n_self_kv_heads=2,
