@@ -29,7 +29,6 @@ import mlx.core as mx  # noqa: E402
 from benchmarks.common import copy_bandwidth, machine, timed  # noqa: E402
 from clsa_mlx import kernels, sparse  # noqa: E402
 
-
 BATCH = 32
 
 
