@@ -214,12 +214,31 @@ def read_source(src: Path):
     weights = _read_files(files, reader, index)
     if not weights:
         raise ConvertError(f"{files[0] if len(files) == 1 else folder}: the checkpoint holds no tensors")
+    if config.is_file() and _load_json(config).get("model_type") == "phi4flash":
+        return _phi4flash_source(config, weights, f"Hugging Face phi4flash ({len(files)} file(s))")
     weights, origin = normalize_names(weights, str(files[0] if len(files) == 1 else folder))
     if kind == "pth" and params.is_file():
         return params_to_args(_load_json(params), str(params)), weights, origin, f"checkpoint {files[0].name}", {}
     args, extra = _config_json_args(config, weights, origin)
     style = "FLA-style" if extra.pop("_fla") else "Hugging Face-style"
     return args, weights, origin, f"{style} {files[0].suffix[1:]} ({len(files)} file(s))", extra
+
+
+def _phi4flash_source(config: Path, weights: dict, kind: str):
+    """Phi-4-mini-flash as published: the checkpoint's own names; a tied head is the embedding."""
+    from .models.phi4flash import ModelArgs as Phi4FlashArgs
+
+    cfg = _load_json(config)
+    try:
+        args = Phi4FlashArgs.from_dict(cfg)
+    except (ValueError, TypeError) as e:
+        raise ConvertError(f"{config}: {one_line(e)}") from None
+    if args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    extra = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+    if cfg.get("torch_dtype", cfg.get("dtype")) in DTYPES:
+        extra["_dtype"] = cfg.get("torch_dtype", cfg.get("dtype"))
+    return args, weights, {k: k for k in weights}, kind, extra
 
 
 def _config_json_args(config: Path, weights: dict, origin: dict):

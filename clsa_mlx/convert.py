@@ -74,8 +74,10 @@ def _source_dtype(weights: dict) -> str:
 def build_model(args: ModelArgs, weights: dict, origin: dict, where: str, dtype: str, progress: bool = True,
                 allow_non_finite: bool = False):
     from .model import Model
+    from .models import phi4flash
 
-    model = Model(args)  # lazily initialized: the random init is never evaluated
+    phi = args.model_type == "phi4flash"
+    model = (phi4flash.Model if phi else Model)(args)  # lazily initialized: the random init is never evaluated
     check_weights(model, weights, origin, where)
     target = getattr(mx, dtype)
     n = len(weights)
@@ -88,7 +90,7 @@ def build_model(args: ModelArgs, weights: dict, origin: dict, where: str, dtype:
             a = weights[k].to_mlx()
         except torch_pickle.TorchFormatError as e:
             raise ConvertError(str(e)) from None
-        a = a.astype(target)
+        a = a.astype(mx.float32 if phi and phi4flash.full_precision(k) else target)
         mx.eval(a)
         if not allow_non_finite and not mx.isfinite(a).all().item():
             raise ConvertError(f"{where}: tensor {origin.get(k, k)} holds NaN or Inf values "
@@ -166,8 +168,11 @@ def convert(
     src = resolve_source(str(torch_path), revision)
     args, weights, origin, kind, extra = read_source(src)
     where = str(src)
-    log(f"[INFO] {kind}: {args.self_decoder} self-decoder, {args.n_layers} layers, dim {args.dim}, "
-         f"{'CLSA top-' + str(args.index_topk) if args.sparse else 'dense YOCO'}")
+    if args.model_type == "phi4flash":
+        log(f"[INFO] {kind}: {args.num_hidden_layers} layers, width {args.hidden_size}")
+    else:
+        log(f"[INFO] {kind}: {args.self_decoder} self-decoder, {args.n_layers} layers, dim {args.dim}, "
+            f"{'CLSA top-' + str(args.index_topk) if args.sparse else 'dense YOCO'}")
     config_dtype = extra.pop("_dtype", None)
     dtype = dtype or config_dtype or _source_dtype(weights)
     log(f"[INFO] Using dtype: {dtype}")
@@ -179,8 +184,8 @@ def convert(
         from mlx_lm.utils import quantize_model
 
         log("[INFO] Quantizing")
-        model, config = quantize_model(model, config, q_group_size, q_bits, mode=q_mode,
-                                       quant_predicate=quant_predicate(quantize_indexer))
+        predicate = model.quant_predicate if args.model_type == "phi4flash" else quant_predicate(quantize_indexer)
+        model, config = quantize_model(model, config, q_group_size, q_bits, mode=q_mode, quant_predicate=predicate)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"

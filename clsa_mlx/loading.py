@@ -16,7 +16,8 @@ from mlx_lm.utils import load_model as _mlx_lm_load_model
 from .config import ModelArgs
 from .model import Model
 
-MODEL_TYPES = ("clsa", "yoco", "phi4flash")
+MODEL_TYPES = ("clsa", "yoco")
+FAMILY_TYPES = (*MODEL_TYPES, "phi4flash")  # with the other architectures (clsa_mlx.models)
 SHIPPED = Path(__file__).parent / "shipped"
 MODEL_FILE = "clsa_mlx_model.py"  # mlx-lm's `model_file` in the folders we write
 
@@ -26,7 +27,7 @@ class _OwnModelTypes(logging.Filter):
     is none of its model types; that is expected, so the warning is dropped (only that one)."""
 
     def filter(self, record):
-        return not record.getMessage().startswith(tuple(f"You are using a model of type `{t}`" for t in MODEL_TYPES))
+        return not record.getMessage().startswith(tuple(f"You are using a model of type `{t}`" for t in FAMILY_TYPES))
 
 
 logging.getLogger("transformers.configuration_utils").addFilter(_OwnModelTypes())
@@ -94,7 +95,7 @@ def get_model_classes(config: dict):
 
         return phi4flash.Model, phi4flash.ModelArgs
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"config.json: model_type {model_type!r} is not one of {MODEL_TYPES}")
+        raise ValueError(f"config.json: model_type {model_type!r} is not one of {FAMILY_TYPES}")
     return Model, ModelArgs
 
 

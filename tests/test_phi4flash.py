@@ -188,3 +188,40 @@ def test_load_the_published_folder_layout(tmp_path, list_window):
     assert tok.decode(prompt) == "<|user|>hi<|end|><|assistant|>"
     text = clsa_mlx.generate(model, tok, prompt, max_tokens=4)
     assert isinstance(text, str)
+
+
+@pytest.mark.parametrize("bits", [None, 4, 8])
+def test_convert_and_quantize(tmp_path, bits):
+    import clsa_mlx
+    from clsa_mlx.convert import convert
+    from tests.phi4flash_fixtures import write_hf_folder
+
+    cfg = hf_config(intermediate_size=128)
+    ref = randomize(Phi4Flash(cfg), 6)
+    src = write_hf_folder(tmp_path / "hf", cfg, {**ref.state_dict(), "lm_head.weight": ref.model.embed_tokens.weight})
+    dst = convert(str(src), str(tmp_path / "mlx"), quantize=bits is not None, q_bits=bits, progress=False)
+    model, tok = clsa_mlx.load(str(dst))
+    params = dict(tree_flatten(model.parameters()))
+    assert "lm_head.weight" not in params
+    for k, v in params.items():
+        if pf.full_precision(k):
+            assert v.dtype == mx.float32, k
+    quantized = {k.rsplit(".", 1)[0] for k in params if k.endswith(".scales")}
+    if bits is None:
+        assert not quantized
+    else:
+        assert "model.layers.0.mlp.fc1" in quantized and "model.embed_tokens" in quantized
+        assert not any(k.endswith(("x_proj", "dt_proj")) for k in quantized)
+        assert model.layers[0].mlp.fc1.bits == bits
+    ids = mx.array([tokens(12, 3)])
+    base = clsa_mlx.load(str(src))[0]  # the published bf16 weights as they are
+    if bits is None:
+        assert mx.array_equal(model(ids), base(ids))
+    else:  # every quantized weight within one quantization step of the original
+        fc1, w = model.layers[0].mlp.fc1, base.layers[0].mlp.fc1.weight.astype(mx.float32)
+        got = mx.dequantize(fc1.weight, fc1.scales, fc1.biases, fc1.group_size, bits)
+        g = w.reshape(-1, 64)
+        step = (g.max(1) - g.min(1)) / (2**bits - 1) + mx.abs(g).max(1) / 128  # plus bf16 rounding
+        assert float((mx.abs(got - w).reshape(-1, 64).max(1) / step).max()) <= 1
+        assert mx.isfinite(model(ids)).all()
+    assert isinstance(clsa_mlx.generate(model, tok, "hello", max_tokens=3), str)

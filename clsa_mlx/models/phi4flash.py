@@ -81,6 +81,12 @@ class ModelArgs(BaseModelArgs):
         return self.hidden_size
 
 
+def full_precision(name: str) -> bool:
+    """Kept in fp32 whatever the model's dtype, never quantized: the decay rates, skip weights
+    and lambdas (a few thousand numbers per layer that every token's output depends on)."""
+    return name.endswith((".A_log", ".D")) or ".lambda_" in name
+
+
 def lambda_init(depth: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * depth)
 
@@ -448,4 +454,5 @@ class Model(nn.Module):
 
     @property
     def quant_predicate(self):
-        return lambda path, module: isinstance(module, (nn.Linear, nn.Embedding))
+        # The selective scan's input-dependent step and B/C projections stay exact.
+        return lambda path, module: not path.endswith(("x_proj", "dt_proj"))
