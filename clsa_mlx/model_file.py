@@ -4,10 +4,19 @@ it writes (as `clsa_mlx_model.py`, named by config.json's `model_file`), so that
 from the installed clsa-mlx package. `python -m clsa_mlx.model_file FOLDER` adds it to a folder
 written before it existed."""
 
+import json
+from pathlib import Path
+
 try:
     from clsa_mlx.config import ModelArgs
     from clsa_mlx.model import Model
     from clsa_mlx.server_prefix import install
+
+    try:  # mlx-lm runs this file from the model folder: its config.json names the architecture
+        if json.loads(Path(__file__).with_name("config.json").read_text()).get("model_type") == "phi4flash":
+            from clsa_mlx.models.phi4flash import Model, ModelArgs  # noqa: F811
+    except (OSError, ValueError, AttributeError):
+        pass
 except ImportError as e:  # run by mlx-lm from a model folder, in an environment without us
     raise ImportError("this CLSA/YOCO model folder needs the clsa-mlx package (pip install clsa-mlx)") from e
 

@@ -225,3 +225,21 @@ def test_convert_and_quantize(tmp_path, bits):
         assert float((mx.abs(got - w).reshape(-1, 64).max(1) / step).max()) <= 1
         assert mx.isfinite(model(ids)).all()
     assert isinstance(clsa_mlx.generate(model, tok, "hello", max_tokens=3), str)
+
+
+def test_converted_folder_runs_in_mlx_lm(tmp_path):
+    # mlx-lm builds the folder through its `model_file` (--trust-remote-code): our class, our output.
+    import clsa_mlx
+    from clsa_mlx.convert import convert
+    from mlx_lm import generate as mlx_lm_generate
+    from mlx_lm import load as mlx_lm_load
+    from tests.phi4flash_fixtures import write_hf_folder
+
+    cfg = hf_config()
+    src = write_hf_folder(tmp_path / "hf", cfg, randomize(Phi4Flash(cfg), 8).state_dict())
+    dst = convert(str(src), str(tmp_path / "mlx"), quantize=True, q_bits=8, progress=False)
+    model, tok = clsa_mlx.load(str(dst))
+    theirs, their_tok = mlx_lm_load(str(dst), trust_remote_code=True)
+    assert isinstance(theirs, pf.Model)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True)
+    assert mlx_lm_generate(theirs, their_tok, prompt, max_tokens=6) == clsa_mlx.generate(model, tok, prompt, max_tokens=6)
