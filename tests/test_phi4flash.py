@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten
-from mlx_lm.generate import batch_generate, generate_step
+from mlx_lm.generate import BatchGenerator, generate_step
+from mlx_lm.models.cache import ArraysCache, KVCache
 
 from clsa_mlx.models import phi4flash as pf
 from torch_ref.phi4flash import Phi4Flash, randomize
@@ -123,31 +124,58 @@ def test_prompt_caches_do_not_read_the_cross_decoder():
     assert mx.isnan(logits).all()
 
 
+def greedy(logits):
+    return mx.argmax(logits, axis=-1)
+
+
+def one_at_a_time(model, prompt, n, cache=None, logprobs=None):
+    out = []
+    for t, lp in generate_step(mx.array(prompt), model, max_tokens=n, sampler=greedy, prompt_cache=cache):
+        out.append(int(t))
+        if logprobs is not None:
+            logprobs.append(lp)
+    return out
+
+
+def drive(gen):
+    out, logprobs = {}, {}
+    while True:
+        _, responses = gen.next()
+        if not responses and not gen._unprocessed_sequences and not len(gen._prompt_batch):
+            return out, logprobs
+        for r in responses:
+            out.setdefault(r.uid, []).append(r.token)
+            logprobs.setdefault(r.uid, []).append(r.logprobs)
+
+
 def test_batched_equals_one_at_a_time(pair):
+    # mlx-lm's BatchGenerator: right-padded prompt chunks of 16 (the conv and SSM states of
+    # each row taken at its own end), rows that finish early, prompt caches of different
+    # lengths merged in (left padding): tokens equal and log-probabilities within 1e-4.
     _, model = pair
-    ps = [tokens(n, n) for n in (3, 11, 20)]
+    ps = [tokens(n, n) for n in (3, 11, 20, 37)]
+    max_tokens = [6, 3, 6, 5]
+    gen = BatchGenerator(model, max_tokens=6, prefill_step_size=16, prefill_batch_size=4)
+    uids = gen.insert(ps, max_tokens)
+    out, logprobs = drive(gen)
+    for uid, p, n in zip(uids, ps, max_tokens):
+        want = []
+        assert out[uid] == one_at_a_time(model, p, n, logprobs=want)
+        assert max(diff(a, b) for a, b in zip(logprobs[uid], want)) < TOL
 
-    def greedy(logits):
-        return mx.argmax(logits, axis=-1)
-
-    want = []
-    for p in ps:
-        want.append([int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=6, sampler=greedy)])
-    got = batch_generate(model, _Tok(), ps, max_tokens=6, prefill_step_size=16, sampler=greedy)
-    assert [list(map(int, r)) for r in got.texts] == want
-
-
-class _Tok:
-    """batch_generate needs only ids in and out."""
-
-    eos_token_ids = set()
-
-    def decode(self, ids):
-        return list(ids)
-
-    @property
-    def detokenizer(self):
-        raise AttributeError
+    heads, caches = [p[: len(p) // 2 + 1] for p in ps], []
+    for h in heads:
+        c = model.make_cache()
+        model(mx.array([h]), cache=c)
+        mx.eval([x.state for x in c])
+        caches.append(c)
+    gen = BatchGenerator(model, max_tokens=5, prefill_step_size=16)
+    uids = gen.insert([p[len(h):] for p, h in zip(ps, heads)], [5] * 4, caches=caches, all_tokens=heads)
+    out, logprobs = drive(gen)
+    for uid, p in zip(uids, ps):
+        want = []
+        assert out[uid] == one_at_a_time(model, p, 5, logprobs=want)
+        assert max(diff(a, b) for a, b in zip(logprobs[uid], want)) < TOL
 
 
 def test_shapes_at_the_published_configuration():
@@ -229,10 +257,11 @@ def test_convert_and_quantize(tmp_path, bits):
 
 def test_converted_folder_runs_in_mlx_lm(tmp_path):
     # mlx-lm builds the folder through its `model_file` (--trust-remote-code): our class, our output.
-    import clsa_mlx
-    from clsa_mlx.convert import convert
     from mlx_lm import generate as mlx_lm_generate
     from mlx_lm import load as mlx_lm_load
+
+    import clsa_mlx
+    from clsa_mlx.convert import convert
     from tests.phi4flash_fixtures import write_hf_folder
 
     cfg = hf_config()
@@ -242,4 +271,24 @@ def test_converted_folder_runs_in_mlx_lm(tmp_path):
     theirs, their_tok = mlx_lm_load(str(dst), trust_remote_code=True)
     assert isinstance(theirs, pf.Model)
     prompt = tok.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True)
-    assert mlx_lm_generate(theirs, their_tok, prompt, max_tokens=6) == clsa_mlx.generate(model, tok, prompt, max_tokens=6)
+    want = clsa_mlx.generate(model, tok, prompt, max_tokens=6)
+    assert mlx_lm_generate(theirs, their_tok, prompt, max_tokens=6) == want
+
+
+def test_left_padded_batch_prompt(pair):
+    # A left-padded batch prompt (mlx-lm's batch caches with left_padding): every row's logits
+    # equal its own run's; the padding enters neither the conv, the SSM state nor attention.
+    from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache
+
+    _, model = pair
+    ps = [tokens(n, n) for n in (4, 13, 19)]
+    T = max(map(len, ps))
+    pad = [T - len(p) for p in ps]
+    cache = [ArraysCache(2, left_padding=pad) if isinstance(c, ArraysCache) else
+             BatchKVCache(pad) if isinstance(c, KVCache) else BatchRotatingKVCache(8, pad) for c in model.make_cache()]
+    out = model(mx.array([[0] * n + p for n, p in zip(pad, ps)]), cache=cache)
+    for i, (n, p) in enumerate(zip(pad, ps)):
+        assert diff(out[i, n:], model(mx.array([p]))[0]) < TOL
+    step = model(mx.array([[5], [6], [7]]), cache=cache)
+    for i, p in enumerate(ps):
+        assert diff(step[i, -1], model(mx.array([p + [5 + i]]))[0, -1]) < TOL
