@@ -12,7 +12,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
 from .conversation import PREFILL_STEP, ChatError, Conversation, model_identity
-from .loading import load, resolve, shipped_model
+from .loading import load, one_line, printable, resolve, shipped_model
 from .prefix_cache import FOLDER, PrefixCache
 
 HELP = """commands:
@@ -128,7 +128,7 @@ def command(conv: Conversation, line: str) -> bool:
         print(f"[saved {saved}: {conv.used} tokens]")
     elif name == "/load":
         conv.load(arg)
-        print(f"[loaded {arg}: {conv.used} tokens, {len(conv.messages) // 2} turns]")
+        print(f"[loaded {printable(arg)}: {conv.used} tokens, {len(conv.messages) // 2} turns]")
         if conv.messages:
             q, a = conv.messages[-2]["content"].rsplit("Question: ", 1)[-1], conv.messages[-1]["content"]
             print(f"[last question: {_cut(q)!r} -> {_cut(a)!r}]")
@@ -161,6 +161,8 @@ def turn(conv: Conversation, line: str, gen: dict) -> bool:
         print(f"[error] {e}")
     except KeyboardInterrupt:
         print("\n[interrupted]")
+    except Exception as e:  # a tokenizer or chat template that fails on this input: the session goes on
+        print(f"[error] {type(e).__name__}: {one_line(e)}; the conversation is unchanged")
     return True
 
 
@@ -221,6 +223,12 @@ def script(conv: Conversation, text: str, gen: dict):
                 return
 
 
+def _number(ctx, param, value):
+    if value != value:  # nan passes every range
+        raise click.BadParameter("not a number")
+    return value
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", help="Model folder or Hugging Face id (default: the model shipped with clsa-mlx).")
 @click.option("--system", help="System prompt.")
@@ -228,19 +236,21 @@ def script(conv: Conversation, text: str, gen: dict):
               help="Document to put into the context before the first question (repeatable).")
 @click.option("--prompt", help="Ask one question, print only the answer, exit. Without it, piped stdin is the "
               "question, or, when it starts with a /command, lines run as if typed.")
-@click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--temp", type=click.FloatRange(min=0, max=1e6), default=0.0, show_default=True, callback=_number)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, callback=_number)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True)
-@click.option("--seed", type=int, help="Random seed for sampling.")
+@click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True, callback=_number)
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="Random seed for sampling.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True, help="Per reply.")
 @click.option("--max-context", type=click.IntRange(min=16), help="Context limit in tokens (default: model and memory).")
 @click.option("--drop-oldest", is_flag=True, help="On overflow, drop the oldest turns instead of refusing.")
 @click.option("--prefill-step-size", type=click.IntRange(min=16), default=PREFILL_STEP, show_default=True,
               help="Prompt tokens per prefill step; smaller steps hold less scratch memory on long documents.")
-@click.option("--document-cache-gb", type=click.FloatRange(min=0), default=8.0, show_default=True,
-              help=f"Disk kept for prefilled documents in {FOLDER} (CLSA_MLX_DOCUMENT_CACHE names another "
-                   "folder); a document prefilled once starts the next conversation at once. 0: memory only.")
+@click.option("--document-cache-gb", type=click.FloatRange(min=0, max=1e6), default=8.0, show_default=True,
+              callback=_number,
+              help=f"Disk kept for prefilled documents in {FOLDER or 'no folder'} (CLSA_MLX_DOCUMENT_CACHE "
+                   "names another folder, empty: none); a document prefilled once starts the next conversation "
+                   "at once. 0: memory only.")
 def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_tokens, max_context, drop_oldest,
          prefill_step_size, document_cache_gb):
     """Chat with a CLSA / YOCO model about long documents. Under `mlx.launch` the model is
@@ -263,10 +273,12 @@ def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_toke
         prefixes = PrefixCache(model_id, FOLDER if document_cache_gb > 0 else None, document_cache_gb)
         conv = Conversation(m, tokenizer, model_id, system, max_context, drop_oldest, prefill_step_size, group,
                             prefixes, model_path=path.absolute())
+        for note in conv.notes:
+            print(f"[note] {note}", file=sys.stderr)
         for f in files:
             conv.add_document(f, progress=Progress())
     except (ChatError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {one_line(e, 600)}")
     gen = dict(max_tokens=max_tokens, sampler=make_sampler(temp, top_p, min_p, top_k=top_k))
     if prompt is not None and piped and prompt.lstrip().startswith("/"):
         return script(conv, prompt, gen)
@@ -277,6 +289,8 @@ def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_toke
             reply(conv, prompt.strip(), **gen)
         except ChatError as e:
             sys.exit(f"error: {e}")
+        except Exception as e:  # a tokenizer or chat template that fails on this input
+            sys.exit(f"error: {type(e).__name__}: {one_line(e)}")
         return
     repl(conv, gen)
 

@@ -1,4 +1,5 @@
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -104,3 +105,61 @@ class ModelArgs(BaseModelArgs):
     @property
     def sparse(self):
         return self.index_topk > 0
+
+
+def check_weights(args: ModelArgs, shapes: dict) -> None:
+    """The sizes in a config checked against the weights' shapes ({name: (dtype, shape)} from the
+    files' headers) before the model is built: a config of 20,000 layers beside 4 layers' weights
+    would otherwise build every layer before a missing one is noticed."""
+    problems = []
+    for part in ("self_decoder", "cross_decoder"):
+        found = {int(m.group(1)) for k in shapes if (m := re.match(rf"{part}\.layers\.(\d+)\.", k))}
+        if len(found) != args.n_layers // 2 or (found and max(found) + 1 != len(found)):
+            problems.append(f"n_layers {args.n_layers} means {args.n_layers // 2} {part} layers, the weights hold "
+                            f"{len(found)}")
+    for key, name, axis in (("dim", "layer_norm.weight", 0), ("vocab_size", "output_projection.weight", 0),
+                            ("vocab_size", "embed_tokens.weight", 0),
+                            ("hidden_dim", "self_decoder.layers.0.ffn.fc1.weight", 0)):
+        shape = shapes.get(name, (None, None))[1]
+        if shape is not None and (len(shape) <= axis or shape[axis] != getattr(args, key)):
+            problems.append(f"{key} {getattr(args, key)}, but {name} has shape {tuple(shape)}")
+    if problems:
+        raise ValueError("config.json does not fit the weights: " + "; ".join(problems))
+
+
+LORA_TYPES = ("lora", "dora", "full")
+FLOAT_DTYPES = ("F16", "BF16", "F32")
+
+
+def check_adapter(config, shapes: dict, args: ModelArgs) -> None:
+    """An mlx-lm adapter_config.json (`config`) and its adapters.safetensors ({name: (dtype,
+    shape)}) checked before mlx-lm builds LoRA layers of that rank: a rank past the layers' size
+    or weights that are not floats never reach the model."""
+    if not isinstance(config, dict):
+        raise ValueError(f"adapter_config.json: not a JSON object (a {type(config).__name__})")
+    kind = config.get("fine_tune_type", "lora")
+    if kind not in LORA_TYPES:
+        raise ValueError(f"adapter_config.json: fine_tune_type {repr(kind)[:40]} is not one of {LORA_TYPES}")
+    if kind != "full":
+        n = config.get("num_layers")
+        if not isinstance(n, int) or isinstance(n, bool) or not -1 <= n <= args.n_layers:
+            raise ValueError(f"adapter_config.json: num_layers must be an integer from -1 to {args.n_layers}, "
+                             f"got {repr(n)[:40]}")
+        lora = config.get("lora_parameters")
+        if not isinstance(lora, dict):
+            raise ValueError("adapter_config.json: lora_parameters must be an object")
+        rank, scale, dropout = lora.get("rank"), lora.get("scale"), lora.get("dropout", 0.0)
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max(args.dim, args.hidden_dim):
+            raise ValueError(f"adapter_config.json: lora_parameters.rank must be an integer from 1 to the layers' "
+                             f"size {max(args.dim, args.hidden_dim)}, got {repr(rank)[:40]}")
+        for key, v, low, high in (("scale", scale, -1e6, 1e6), ("dropout", dropout, 0.0, 1.0)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+                raise ValueError(f"adapter_config.json: lora_parameters.{key} must be a number from {low} to "
+                                 f"{high}, got {repr(v)[:40]}")
+        keys = lora.get("keys") or []
+        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            raise ValueError("adapter_config.json: lora_parameters.keys must be a list of names")
+    for name, (dtype, _) in shapes.items():
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"adapters.safetensors: {name[:80]} is {dtype}; adapter weights are floats "
+                             f"({', '.join(FLOAT_DTYPES)})")

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import stat
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +17,7 @@ from mlx_lm.models.cache import save_prompt_cache
 
 from .cache_check import check_cache, read_cache_file
 from .generate import context_used, prefill, stream_generate
-from .loading import OneLineError, one_line
+from .loading import OneLineError, one_line, printable
 from .prefix_cache import PrefixCache
 
 PREFILL_STEP = 2048
@@ -28,14 +29,23 @@ class ChatError(OneLineError):
     """A problem the user can fix; printed as one line, the session continues."""
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
 def model_identity(folder: Path) -> str:
-    """Cheap fingerprint of a model folder: config and the head and tail of each weight file."""
+    """Cheap fingerprint of what turns text into a cache: the config, the head and tail of each
+    weight file, and the tokenizer and chat template files (a cache of other token ids is not
+    this model's)."""
     h = hashlib.sha256((folder / "config.json").read_bytes())
     for f in sorted(folder.glob("model*.safetensors")):
         with open(f, "rb") as fh:
             h.update(f.name.encode() + str(f.stat().st_size).encode() + fh.read(1 << 20))
             fh.seek(max(0, f.stat().st_size - (1 << 20)))
             h.update(fh.read())
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            h.update(name.encode() + b"\0" + hashlib.sha256((folder / name).read_bytes()).digest())
     return h.hexdigest()[:16]
 
 
@@ -64,11 +74,24 @@ def document_path(arg: str) -> Path:
     return Path(parts[0] if len(parts) == 1 else arg).expanduser()
 
 
+def regular_file(path: Path, what: str = "file", command: str = "/file") -> Path:
+    """`path` if it is a regular file (or a link to one); a folder, FIFO or device is named as such."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ChatError(f"{path}: no such {what}") from None
+    except OSError as e:
+        raise ChatError(f"{path}: cannot read ({e.strerror})") from None
+    if stat.S_ISREG(mode):
+        return path
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+    raise ChatError(f"{path}: is {kind}; {command} takes one {what}")
+
+
 def read_document(path: Path) -> str:
-    if path.is_dir():
-        raise ChatError(f"{path}: is a folder; /file takes one file")
-    if not path.is_file():
-        raise ChatError(f"{path}: no such file")
+    regular_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -90,7 +113,36 @@ class Conversation:
         self.prefixes = prefixes if self.group is None else None  # each rank holds only its heads
         self.prefill_step = prefill_step
         self.limit, self.drop_oldest = context_limit(model, max_context), drop_oldest
+        self.notes = []  # what the chat says once at its start
+        self.system_role = self._probe_template()
         self.reset(system)
+
+    def _probe_template(self) -> bool:
+        """Renders a probe conversation now, so that a chat template that fails or drops the text is
+        found at the start, not at a question. -> whether it takes a system message (if not, the
+        system prompt opens the first user message)."""
+        where = f"{self.model_path or 'the model'}: the chat template (chat_template.jinja / tokenizer_config.json)"
+        turns = [{"role": "user", "content": "probe one"}, {"role": "assistant", "content": "probe two"},
+                 {"role": "user", "content": "probe three" + SENTINEL}]
+
+        def render(messages):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+        try:
+            text = render(turns)
+        except Exception as e:
+            raise ChatError(f"{where} fails on a user/assistant conversation ({type(e).__name__}: "
+                            f"{one_line(e, 160)})") from None
+        if not isinstance(text, str) or not all(t["content"] in text for t in turns):
+            raise ChatError(f"{where} drops the messages' text; the chat cannot use it")
+        try:
+            with_system = render([{"role": "system", "content": "probe system"}] + turns)
+            if "probe system" in with_system and all(t["content"] in with_system for t in turns):
+                return True
+        except Exception:
+            pass
+        self.notes.append("the chat template takes no system message: a system prompt opens the first user message")
+        return False
 
     def reset(self, system: Optional[str] = None):
         self.system = system if system is not None else getattr(self, "system", None)
@@ -107,10 +159,11 @@ class Conversation:
         return context_used(self.model, self.cache)
 
     def _render(self, user_content: str) -> str:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return self.tokenizer.apply_chat_template(
-            head + self.messages + [{"role": "user", "content": user_content}],
-            tokenize=False, add_generation_prompt=True)
+        messages = self.messages + [{"role": "user", "content": user_content}]
+        if self.system and not self.system_role:
+            messages = [{"role": "user", "content": f"{self.system}\n\n{messages[0]['content']}"}] + messages[1:]
+        head = [{"role": "system", "content": self.system}] if self.system and self.system_role else []
+        return self.tokenizer.apply_chat_template(head + messages, tokenize=False, add_generation_prompt=True)
 
     def _rendered_before(self, content: str) -> str:
         """The rendered conversation up to the end of `content`, the start of a new user message."""
@@ -174,6 +227,11 @@ class Conversation:
 
     def add_document(self, path: str, progress=None):
         path = document_path(path)
+        least = regular_file(path).stat().st_size // self._piece_bytes()
+        room = self.limit if self.drop_oldest else self.limit - self.used
+        if least > room:  # refused before reading and tokenizing a document that cannot fit
+            raise ChatError(f"context overflow: {path.name} is at least {least} tokens ({path.stat().st_size} "
+                            f"bytes), {room} fit; a larger --max-context or a shorter document")
         text = read_document(path)
         self.documents.append(f"File {path.name}:\n{text}")
 
@@ -196,6 +254,17 @@ class Conversation:
         if keep and not hit:
             keep.put(prefix, self.cache, self.ids)
         return len(ids)
+
+    def _piece_bytes(self) -> int:
+        """At least the most bytes of text one token stands for (twice the longest piece, for a
+        normalizer that contracts): a document of B bytes is at least B / this many tokens."""
+        if not hasattr(self, "_longest"):
+            try:
+                vocab = getattr(self.tokenizer, "_tokenizer", self.tokenizer).get_vocab()
+                self._longest = 2 * max(4, max(len(p.encode("utf-8", "replace")) for p in vocab))
+            except Exception:  # no vocabulary to read: no bound
+                self._longest = 1 << 40
+        return self._longest
 
     def _mark(self):
         """What an interrupted command must put back: the conversation, the cache list, the
@@ -246,9 +315,10 @@ class Conversation:
         self.ids += ids + generated
 
     def document_names(self) -> list:
-        """Names of the documents in the conversation: in earlier turns, then still pending."""
+        """Names of the documents in the conversation (in earlier turns, then still pending), as they
+        may be printed: a session file's names can hold escape sequences."""
         texts = [m["content"] for m in self.messages if m["role"] == "user"] + self.documents
-        return [name for t in texts for name in re.findall(r"(?:^|\n\n)File ([^\n]+):\n", t)]
+        return [printable(name) for t in texts for name in re.findall(r"(?:^|\n\n)File ([^\n]+):\n", t)]
 
     def stats(self) -> str:
         kv = sum(c.nbytes for c in self.cache) / 1e6
@@ -276,11 +346,19 @@ class Conversation:
 
     def save(self, path: str) -> str:
         self._whole_model("/save")
+        if path.endswith(("/", os.sep)) or Path(path).expanduser().is_dir():
+            raise ChatError(f"{path}: is a folder; /save takes a file name")
+        path = str(Path(path).expanduser())
         path = path if path.endswith(".safetensors") else path + ".safetensors"
-        if Path(path).exists() and not _is_session(path):
-            raise ChatError(f"{path}: exists and is not a clsa-mlx session; not overwriting it")
+        if Path(path).is_symlink():
+            raise ChatError(f"{path}: is a symbolic link; not writing through it")
+        if os.path.lexists(path):
+            regular_file(Path(path), "session file", "/save")
+            if not _is_session(path):
+                raise ChatError(f"{path}: exists and is not a clsa-mlx session; not overwriting it")
         mark, tmp = self._mark(), f"{path}.partial-{os.getpid()}.safetensors"
         try:
+            Path(tmp).unlink(missing_ok=True)  # never written through a link left under this name
             self._prefill_to_next_input()
             # "model" and "tokenizer_config": what mlx_lm generate reads from a prompt-cache file
             meta = dict(tokenizer_config="{}", clsa_mlx_session="1", model_id=self.model_id,
@@ -304,9 +382,9 @@ class Conversation:
     def load(self, path: str):
         """Checks the whole file against this model before anything of the session changes."""
         self._whole_model("/load")
-        path = path if path.endswith(".safetensors") or Path(path).exists() else path + ".safetensors"
-        if not Path(path).is_file():
-            raise ChatError(f"{path}: no such session file")
+        path = str(Path(path).expanduser())
+        path = path if path.endswith(".safetensors") or os.path.lexists(path) else path + ".safetensors"
+        regular_file(Path(path), "session file", "/load")
         try:
             cache, meta = read_cache_file(path)
             if meta.get("clsa_mlx_session") != "1" and "tokenizer_config" in meta:

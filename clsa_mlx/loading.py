@@ -13,7 +13,7 @@ from huggingface_hub import snapshot_download
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_tokenizer, save_config
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 
-from .config import ModelArgs
+from .config import ModelArgs, check_adapter, check_weights
 from .model import Model
 
 MODEL_TYPES = ("clsa", "yoco")
@@ -44,27 +44,49 @@ def add_model_file(folder) -> Path:
     """Write mlx-lm's `model_file` (our `model_file.py`) into a model folder and name it in
     config.json, so every mlx-lm command runs the folder with `--trust-remote-code`."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    shutil.copyfile(Path(__file__).with_name("model_file.py"), folder / MODEL_FILE)
-    tmp = folder / ".config.json.partial"
-    save_config({**config, "model_file": MODEL_FILE}, tmp)
-    os.replace(tmp, folder / "config.json")  # never a half-written config
+    config = read_config(folder / "config.json")
+    # each written beside its place and renamed over it: never through a link, never half-written
+    for name, write in ((MODEL_FILE, lambda p: shutil.copyfile(Path(__file__).with_name("model_file.py"), p)),
+                        ("config.json", lambda p: save_config({**config, "model_file": MODEL_FILE}, p))):
+        tmp = folder / f".{name}.partial"
+        tmp.unlink(missing_ok=True)
+        write(tmp)
+        os.replace(tmp, folder / name)
     return folder
 
 
+def read_config(path: Path) -> dict:
+    """A config.json as a dict; a missing, unreadable or malformed file is named in one line."""
+    try:
+        config = json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({one_line(e, 120)})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object (a {type(config).__name__})")
+    return config
+
+
+def printable(text) -> str:
+    """`text` safe for a terminal: control characters (escape sequences, bidi overrides) escaped."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii")
+                   for c in str(text))
+
+
 class OneLineError(Exception):
-    """A problem for the user, in one line; a message grown long by a name from a file is cut in
-    the middle, keeping where and why."""
+    """A problem for the user, in one line, its control characters escaped; a message grown long by a
+    name from a file is cut in the middle, keeping where and why."""
 
     def __init__(self, message: str):
-        message = " ".join(str(message).split())
+        message = printable(" ".join(str(message).split()))
         if len(message) > 600:
             message = f"{message[:400]} ...({len(message) - 600} characters cut)... {message[-200:]}"
         super().__init__(message)
 
 
 def one_line(e: BaseException, n: int = 300) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+    text = printable(" ".join(str(e).split())) or type(e).__name__
     return text if len(text) <= n else text[:n] + "..."
 
 
@@ -81,10 +103,13 @@ def safetensors_header(path: Path) -> dict:
 
 
 def check_vocab(tokenizer, vocab_size: int, where) -> None:
-    """Every id the tokenizer can produce must have a row in the embedding."""
-    n = len(getattr(tokenizer, "_tokenizer", tokenizer))
-    if n > vocab_size:
-        raise ValueError(f"{where}: the tokenizer has {n} tokens but the model's vocab_size is {vocab_size} "
+    """Every id the tokenizer can produce must have a row in the embedding: the largest id of any
+    piece, added or special token (a count of pieces misses a sparse or shifted vocabulary)."""
+    tok = getattr(tokenizer, "_tokenizer", tokenizer)
+    ids = list(tok.get_vocab().values()) + list(getattr(tok, "all_special_ids", []))
+    top = max([len(tok) - 1] + [i for i in ids if isinstance(i, int)])
+    if top >= vocab_size:
+        raise ValueError(f"{where}: the tokenizer hands out ids up to {top} but the model's vocab_size is {vocab_size} "
                          f"(ids {vocab_size} and up have no embedding); wrong tokenizer for this model?")
 
 
@@ -122,8 +147,24 @@ def _load_model(path: Path, lazy: bool, strict: bool, model_config, fuse: bool, 
     has more than one rank: lazily, so each rank reads only its share into memory. LoRA
     adapters (mlx-lm's `load_adapters`) go on before the projections are stacked."""
     sharded = group is not None and group.size() > 1
+    shapes = {}
     for f in sorted(path.glob("model*.safetensors")):
-        safetensors_header(f)
+        shapes.update(safetensors_header(f))
+    config = {**read_config(path / "config.json"), **(model_config or {})}
+    if config.get("model_type") in MODEL_TYPES:  # sizes against the weights before anything is built
+        try:
+            args = ModelArgs.from_dict(config)
+            if strict:
+                check_weights(args, shapes)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path / 'config.json'}: {one_line(e)}") from None
+        if adapter_path is not None:
+            adapters = Path(adapter_path)
+            try:
+                check_adapter(read_config(adapters / "adapter_config.json"),
+                              safetensors_header(adapters / "adapters.safetensors"), args)
+            except ValueError as e:
+                raise ValueError(str(e) if str(adapters) in str(e) else f"{adapters}: {e}") from None
     try:
         model, config = _mlx_lm_load_model(path, lazy or sharded, strict, _our_classes(model_config),
                                            get_model_classes=get_model_classes)
@@ -165,6 +206,23 @@ def _quiet_transformers():
         logging.set_verbosity(level)
 
 
+def _load_tokenizer(path: Path, tokenizer_config, eos_token_ids):
+    """mlx-lm's tokenizer of `path`; a missing or broken tokenizer file is named in one line."""
+    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ValueError(f"{path}: no tokenizer (tokenizer.json or tokenizer.model)")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        try:
+            if (path / name).is_file() and not isinstance(json.loads((path / name).read_bytes()), dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{path / name}: not a valid tokenizer file ({one_line(e, 120)})") from None
+    try:
+        with _quiet_transformers():
+            return load_tokenizer(path, tokenizer_config, eos_token_ids=eos_token_ids)
+    except Exception as e:
+        raise ValueError(f"{path}: the tokenizer files do not load ({type(e).__name__}: {one_line(e, 160)})") from None
+
+
 def load(path_or_hf_repo, tokenizer_config=None, model_config=None, adapter_path=None, lazy: bool = False,
          return_config: bool = False, revision: Optional[str] = None, fuse: bool = True, group=None):
     """Returns `(model, tokenizer)`, the tokenizer wrapped by mlx-lm (streaming detokenizer, chat
@@ -173,7 +231,6 @@ def load(path_or_hf_repo, tokenizer_config=None, model_config=None, adapter_path
     mlx-lm LoRA adapter folder (`mlx_lm.lora`'s output)."""
     path = resolve(str(path_or_hf_repo), revision)
     model, config = _load_model(path, lazy, True, model_config, fuse, group, adapter_path)
-    with _quiet_transformers():
-        tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
+    tokenizer = _load_tokenizer(path, tokenizer_config, config.get("eos_token_id"))
     check_vocab(tokenizer, model.args.vocab_size, path)
     return (model, tokenizer, config) if return_config else (model, tokenizer)

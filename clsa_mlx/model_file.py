@@ -27,7 +27,10 @@ install()  # under mlx-lm's server: keep a chat's document prefix in its prompt 
 if __name__ == "__main__":
     import sys
 
-    from clsa_mlx.loading import add_model_file
+    from clsa_mlx.loading import add_model_file, one_line
 
     for folder in sys.argv[1:] or sys.exit("usage: python -m clsa_mlx.model_file FOLDER..."):
-        print(add_model_file(folder))
+        try:
+            print(add_model_file(folder))
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {one_line(e)}")

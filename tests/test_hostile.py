@@ -606,3 +606,332 @@ def test_chat_refuses_non_utf8_stdin_and_bad_prefill_steps(tmp_path, tiny):
     for step in (0, -1):
         with pytest.raises(ValueError, match="prefill_step_size must be a positive integer"):
             next(stream_generate(model, tokenizer, "hello", max_tokens=2, prefill_step_size=step))
+
+
+# ---- round 2: document caches, session files, tokenizers, templates, adapters, configs ----------
+
+def _doc(path, n_tokens=2100):
+    path.write_text("The value of key bada-ko is 12345. " * (n_tokens // 30 + 10))
+    return path
+
+
+def _chat(folder, *args, stdin="", env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "clsa_mlx.chat", "--model", str(folder), *args], input=stdin,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_the_document_cache_deletes_and_reads_only_its_own_files(tiny, tmp_path):
+    from clsa_mlx.conversation import Conversation
+    from clsa_mlx.prefix_cache import MARKER, FolderError, PrefixCache
+
+    others = tmp_path / "others"
+    others.mkdir()
+    (others / "model-00001-of-00002.safetensors").write_bytes(b"a user's shard")
+    with pytest.raises(FolderError, match="holds other files"):
+        PrefixCache("tiny", others)
+    (others / "notes.txt").write_text("x")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FolderError, match="is not a folder"):
+        PrefixCache("tiny", tmp_path / "file")
+    folder = tmp_path / "cache"
+    conv = Conversation(*tiny, "tiny", prefill_step=512, prefixes=PrefixCache("tiny", folder, max_gb=1e-6))
+    conv.add_document(str(_doc(tmp_path / "d.txt")))
+    assert (folder / MARKER).is_file()
+    session = conv.save(str(folder / "my-session"))  # a user's file in the folder we made
+    conv.reset()
+    conv.add_document(str(_doc(tmp_path / "e.txt", 2200)))  # over the size: eviction runs
+    assert Path(session).is_file() and (folder / MARKER).is_file()
+    assert (others / "model-00001-of-00002.safetensors").read_bytes() == b"a user's shard"
+
+
+def test_an_empty_document_cache_setting_means_no_folder(tmp_path):
+    code = "from clsa_mlx.prefix_cache import FOLDER; print(FOLDER)"
+    for value in ("", "  "):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                           env={**os.environ, "CLSA_MLX_DOCUMENT_CACHE": value})
+        assert r.stdout.strip() == "None", r.stderr
+
+
+def test_a_document_cache_entry_is_used_only_for_the_tokens_it_holds(tiny, tmp_path):
+    """A file renamed and edited to claim another document, or holding token ids this tokenizer
+    did not produce, is prefilled again (and what /save then writes loads back)."""
+    from clsa_mlx.conversation import Conversation
+    from clsa_mlx.prefix_cache import PrefixCache
+
+    def fresh():
+        return Conversation(*tiny, "tiny", prefill_step=512, prefixes=PrefixCache("tiny", tmp_path / "c"))
+
+    a, b = _doc(tmp_path / "a.txt"), tmp_path / "b.txt"
+    b.write_text("Another document entirely. " * 90)
+    conv = fresh()
+    conv.add_document(str(a))
+    (entry_a,) = (tmp_path / "c").glob("*.safetensors")
+    conv = fresh()
+    conv.add_document(str(b))
+    entry_b = next(p for p in (tmp_path / "c").glob("*.safetensors") if p != entry_a)
+    key_b = mx.load(str(entry_b), return_metadata=True)[1]
+    arrays, meta = mx.load(str(entry_a), return_metadata=True)
+    meta = {k: key_b[k] if k.endswith(".key") else v for k, v in meta.items()}
+    mx.save_safetensors(str(entry_b), arrays, metadata=meta)  # a's cache claiming to be b's
+    conv = fresh()
+    want = len(conv.tokenizer.encode(conv._rendered_before(f"File b.txt:\n{b.read_text()}"),
+                                      add_special_tokens=False))
+    conv.add_document(str(b))
+    assert not conv.reused and conv.used == want
+    ids = json.loads(meta[next(k for k in meta if k.endswith(".ids"))])
+    meta = {k: json.dumps([258] * len(ids)) if k.endswith(".ids") else v for k, v in meta.items()}
+    mx.save_safetensors(str(entry_a), arrays, metadata=meta)  # a's cache with other token ids
+    conv = fresh()
+    conv.add_document(str(a))
+    assert not conv.reused
+    conv.load(conv.save(str(tmp_path / "s")))
+
+
+def test_the_model_identity_covers_the_tokenizer_and_the_chat_template(tmp_path):
+    import shutil
+
+    from clsa_mlx.conversation import model_identity
+
+    folder = make_tiny_folder(tmp_path / "m")
+    ids = {model_identity(folder)}
+    shutil.copytree(folder, tmp_path / "t")
+    tok = json.loads((tmp_path / "t" / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["+"], tok["model"]["vocab"]["-"] = tok["model"]["vocab"]["-"], tok["model"]["vocab"]["+"]
+    (tmp_path / "t" / "tokenizer.json").write_text(json.dumps(tok))
+    ids.add(model_identity(tmp_path / "t"))
+    shutil.copytree(folder, tmp_path / "c")
+    _with_template(tmp_path / "c", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    ids.add(model_identity(tmp_path / "c"))
+    assert len(ids) == 3
+
+
+def test_a_tokenizer_id_past_the_embedding_is_refused_at_load(tmp_path):
+    folder = make_tiny_folder(tmp_path / "m")
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["+"] = 5000  # 259 pieces still, one of them id 5000
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="ids up to 5000 but the model's vocab_size is 259"):
+        clsa_mlx.load(folder)
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{", "tokenizer.json: not a valid tokenizer file"),
+    ("[1, 2]", "tokenizer.json: not a valid tokenizer file"),
+    ('{"model": {"type": "nothing"}}', "the tokenizer files do not load"),
+    (None, "no tokenizer"),
+])
+def test_broken_or_missing_tokenizer_files_give_one_line(tmp_path, content, match):
+    folder = make_tiny_folder(tmp_path / "m")
+    if content is None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (folder / name).unlink(missing_ok=True)
+    else:
+        (folder / "tokenizer.json").write_text(content)
+    with pytest.raises(ValueError, match=match) as e:
+        clsa_mlx.load(folder)
+    assert "\n" not in str(e.value)
+
+
+def _with_template(folder, template):
+    (folder / "chat_template.jinja").unlink(missing_ok=True)  # it takes precedence over tokenizer_config.json's
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    return folder
+
+
+NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+             "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+NO_CONTENT = "{% for m in messages %}<|{{ m['role'] }}|><|end|>{% endfor %}"
+
+
+def test_chat_templates_that_fail_are_found_at_the_start(tmp_path):
+    from clsa_mlx.conversation import ChatError, Conversation
+
+    folder = _with_template(make_tiny_folder(tmp_path / "m"), NO_SYSTEM)
+    conv = Conversation(*clsa_mlx.load(folder), "x", system="Answer briefly.")
+    assert not conv.system_role and conv.notes
+    list(conv.ask("hello", max_tokens=2))
+    assert conv.messages and "Answer briefly." in conv.text_in_cache
+    r = _chat(folder, "--system", "Answer briefly.", "--prompt", "hi", "--max-tokens", "2")
+    assert r.returncode == 0 and "[note] the chat template takes no system message" in r.stderr
+    _with_template(folder, NO_CONTENT)
+    with pytest.raises(ChatError, match="drops the messages' text"):
+        Conversation(*clsa_mlx.load(folder), "x")
+    r = _chat(folder, "--prompt", "hi")
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and "drops the messages' text" in r.stderr
+
+
+def test_an_exception_from_the_tokenizer_in_the_chat_keeps_the_conversation(conversation, capsys):
+    from clsa_mlx.chat import turn
+
+    state = (list(conversation.messages), conversation.used, conversation.text_in_cache)
+    encode = conversation.tokenizer.encode
+
+    def broken(text, *a, **k):
+        if "boom" in text:
+            raise RuntimeError("the tokenizer failed")
+        return encode(text, *a, **k)
+
+    conversation.tokenizer.encode = broken
+    try:
+        assert turn(conversation, "boom", dict(max_tokens=2))
+    finally:
+        conversation.tokenizer.encode = encode
+    assert "[error] RuntimeError: the tokenizer failed; the conversation is unchanged" in capsys.readouterr().out
+    assert (list(conversation.messages), conversation.used, conversation.text_in_cache) == state
+    assert turn(conversation, "and now?", dict(max_tokens=2)) and len(conversation.messages) == len(state[0]) + 2
+
+
+def test_bad_numbers_on_the_chat_command_line_are_refused_before_loading(tmp_path):
+    from click.testing import CliRunner
+
+    from clsa_mlx.chat import main
+
+    for args in (["--seed", "-1"], ["--seed", str(2**70)], ["--temp", "nan"], ["--top-p", "nan"],
+                 ["--document-cache-gb", "inf"], ["--document-cache-gb", "nan"]):
+        r = CliRunner().invoke(main, ["--model", str(tmp_path / "no-model"), *args, "--prompt", "hi"])
+        assert r.exit_code == 2 and "Invalid value for" in r.output, args
+
+
+def test_a_document_cache_folder_that_is_a_file_is_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from clsa_mlx import chat
+
+    folder = make_tiny_folder(tmp_path / "m")
+    (tmp_path / "cachefile").write_text("x")
+    monkeypatch.setattr(chat, "FOLDER", tmp_path / "cachefile")
+    r = CliRunner().invoke(chat.main, ["--model", str(folder), "--prompt", "hi"])
+    assert r.exit_code == 1 and "is not a folder" in r.output and r.exception.__class__ is SystemExit
+
+
+def test_save_and_load_paths_fifos_devices_folders_and_home(conversation, tmp_path, monkeypatch):
+    from clsa_mlx.conversation import ChatError
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ChatError, match="is a FIFO"):
+        conversation.save(str(fifo))  # would block forever opening it
+    with pytest.raises(ChatError, match="is a FIFO"):
+        conversation.load(str(fifo))
+    with pytest.raises(ChatError, match="is a FIFO"):
+        conversation.add_document(str(fifo))
+    with pytest.raises(ChatError, match="is a device"):
+        conversation.add_document("/dev/zero")
+    (tmp_path / "some" / "folder").mkdir(parents=True)
+    for target in ("some/folder/", "some/folder"):
+        with pytest.raises(ChatError, match="is a folder"):
+            conversation.save(str(tmp_path / target))
+    assert not list((tmp_path / "some" / "folder").iterdir())
+    os.symlink(tmp_path / "elsewhere.safetensors", tmp_path / "link.safetensors")
+    with pytest.raises(ChatError, match="symbolic link"):
+        conversation.save(str(tmp_path / "link"))
+    assert not (tmp_path / "elsewhere.safetensors").exists()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    saved = conversation.save("~/s")
+    assert saved == str(tmp_path / "s.safetensors") and Path(saved).is_file()
+    conversation.load("~/s")
+
+
+def test_what_a_session_file_holds_is_printed_escaped(conversation, tmp_path, capsys):
+    from clsa_mlx.chat import turn
+
+    saved = conversation.save(str(tmp_path / "s"))
+    evil = "\x1b]0;owned\x07\x1b[2J"
+    messages = [{"role": "user", "content": f"File {evil}.txt:\nhello\n\nQuestion: {evil}"},
+                {"role": "assistant", "content": evil}]
+    turn(conversation, "/load " + _edit(saved, tmp_path / "m.safetensors", {"model_id": evil}), {})
+    turn(conversation, "/load " + _edit(saved, tmp_path / "d.safetensors", {"messages": json.dumps(messages),
+                                                                            "documents": json.dumps([])}), {})
+    turn(conversation, "/docs", {})
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and out.count("\\x1b]0;owned") >= 3
+
+
+def test_a_document_that_cannot_fit_is_refused_before_it_is_tokenized(tiny, tmp_path):
+    from clsa_mlx.conversation import ChatError, Conversation
+
+    conv = Conversation(*tiny, "x", max_context=4096)
+    big = tmp_path / "big.txt"
+    big.write_text("x" * 3_000_000)
+    calls = []
+    encode = conv.tokenizer.encode
+    conv.tokenizer.encode = lambda text, *a, **k: calls.append(len(text)) or encode(text, *a, **k)
+    try:
+        with pytest.raises(ChatError, match="big.txt is at least .* tokens .*4096 fit"):
+            conv.add_document(str(big))
+    finally:
+        conv.tokenizer.encode = encode
+    assert not calls and conv.used == 0 and not conv.documents
+
+
+def test_model_file_cli_never_writes_through_links(tmp_path):
+    folder = make_tiny_folder(tmp_path / "m")
+    outside = tmp_path / "outside.txt"
+    for name in ("clsa_mlx_model.py", ".config.json.partial", ".clsa_mlx_model.py.partial"):
+        outside.write_text("precious")
+        (folder / name).unlink(missing_ok=True)
+        os.symlink(outside, folder / name)
+        r = subprocess.run([sys.executable, "-m", "clsa_mlx.model_file", str(folder)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert outside.read_text() == "precious" and not (folder / "clsa_mlx_model.py").is_symlink(), name
+    (folder / "config.json").write_text("[1]")
+    r = subprocess.run([sys.executable, "-m", "clsa_mlx.model_file", str(folder)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: {folder / 'config.json'}: not a JSON object (a list)"
+
+
+def test_a_config_far_larger_than_its_weights_is_refused_before_building(tmp_path):
+    import resource
+    import time
+
+    folder = make_tiny_folder(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    for change, match in (({"n_layers": 200_000}, "n_layers 200000 means 100000 self_decoder layers, the weights "
+                                                   "hold 2"),
+                          ({"dim": 2**40, "n_self_heads": 1, "n_self_kv_heads": 1, "n_attn_heads": 1, "n_attn_kv_heads": 1},
+                           "dim 1099511627776, but layer_norm.weight has shape"),
+                          ({"hidden_dim": 10**12}, "hidden_dim 1000000000000, but")):
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        t, rss = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with pytest.raises(ValueError, match=match) as e:
+            clsa_mlx.load(folder)
+        assert str(e.value).startswith(f"{folder / 'config.json'}: config.json does not fit the weights")
+        assert time.perf_counter() - t < 2 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 200_000
+
+
+def _adapter(tmp_path, config=None, weights=None):
+    folder = tmp_path / "adapter"
+    folder.mkdir(exist_ok=True)
+    base = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}
+    (folder / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps({**base,
+                                                                                                  **(config or {})}))
+    mx.save_safetensors(str(folder / "adapters.safetensors"), weights or {"x.lora_a": mx.zeros((2, 2))})
+    return folder
+
+
+@pytest.mark.parametrize("config, weights, match", [
+    ({"lora_parameters": {"rank": 2**40, "scale": 1.0}}, None, "lora_parameters.rank must be an integer from 1"),
+    ({"lora_parameters": {"rank": 4, "scale": float("nan")}}, None, "lora_parameters.scale must be a number"),
+    ({"num_layers": "all"}, None, "num_layers must be an integer"),
+    ({"fine_tune_type": "magic"}, None, "fine_tune_type 'magic'"),
+    ("{", None, "adapter_config.json: not valid JSON"),
+    ("[]", None, "adapter_config.json: not a JSON object"),
+    (None, {"self_decoder.layers.1.mixer.q_proj.lora_a": mx.zeros((64, 4), mx.int32)}, "is I32; adapter weights"),
+])
+def test_adapters_are_checked_before_mlx_lm_builds_them(tmp_path, config, weights, match):
+    folder = make_tiny_folder(tmp_path / "m")
+    with pytest.raises(ValueError, match=match) as e:
+        clsa_mlx.load(folder, adapter_path=_adapter(tmp_path, config, weights))
+    assert str(tmp_path / "adapter") in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content, match", [("{", "config.json: not valid JSON"),
+                                            ("[]", "config.json: not a JSON object")])
+def test_a_broken_config_names_the_file(tmp_path, content, match):
+    folder = make_tiny_folder(tmp_path / "m")
+    (folder / "config.json").write_text(content)
+    with pytest.raises(ValueError, match=match):
+        clsa_mlx.load(folder)
