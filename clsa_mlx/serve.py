@@ -265,9 +265,10 @@ class ResponseGenerator(hooks.ResponseGenerator):
             if client.gone():
                 stop()
                 raise ClientGone()
+            cached = max(ctx.prompt_cache_count, 0) if ctx is not None else 0
             if progress_callback is not None:
-                progress_callback(done, total)
-            client.progress(done, total)
+                progress_callback(cached + done, cached + total)
+            client.progress(cached + done, cached + total)  # over the whole prompt, its cached part done
 
         def watched(responses):
             try:
