@@ -70,8 +70,38 @@ class StopFlag:
         return self.stopped
 
 
+class Thoughts:
+    """A reasoning model's <think> ... </think> (Phi-4-mini-flash-reasoning): dimmed in a terminal,
+    else between [thinking] and [/thinking] lines. A tag split over tokens waits until whole."""
+
+    TAGS = ("<think>", "</think>")
+
+    def __init__(self, tty: bool):
+        self.shown = ("\x1b[2m", "\x1b[0m") if tty else ("[thinking]\n", "\n[/thinking]\n")
+        self.held, self.inside = "", False
+
+    def __call__(self, piece: str) -> str:
+        text, out = self.held + piece, ""
+        while True:
+            tag = self.TAGS[self.inside]
+            i = text.find(tag)
+            if i < 0:
+                break
+            out, text, self.inside = out + text[:i] + self.shown[self.inside], text[i + len(tag):], not self.inside
+        tag = self.TAGS[self.inside]
+        n = next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
+        self.held = text[len(text) - n:] if n else ""
+        return out + text[: len(text) - n]
+
+    def end(self) -> str:
+        """What is held back, and the end of a thought the reply stopped inside."""
+        text, self.held = self.held, ""
+        return text + (self.shown[1] if self.inside else "")
+
+
 def reply(conv: Conversation, question: str, out=sys.stdout, **gen):
     progress = Progress()
+    thoughts = Thoughts(out.isatty())
 
     def prefill_progress(done, total):
         if stop.stopped and done < total:  # Ctrl-C inside the question's prefill: stop at this chunk
@@ -80,8 +110,8 @@ def reply(conv: Conversation, question: str, out=sys.stdout, **gen):
 
     with StopFlag() as stop:
         for piece in conv.ask(question, progress=prefill_progress, stop=stop, **gen):
-            print(piece, end="", file=out, flush=True)
-    print(file=out)
+            print(thoughts(piece), end="", file=out, flush=True)
+    print(thoughts.end(), file=out)
     say_dropped(conv, out)
     return stop.stopped
 

@@ -292,3 +292,19 @@ def test_left_padded_batch_prompt(pair):
     step = model(mx.array([[5], [6], [7]]), cache=cache)
     for i, p in enumerate(ps):
         assert diff(step[i, -1], model(mx.array([p + [5 + i]]))[0, -1]) < TOL
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_chat_shows_thinking_whatever_the_token_cuts(tty):
+    from clsa_mlx.chat import Thoughts
+
+    text = "<think>Let me see: 2+2 is 4.</think>The answer is 4 <b>x</b> <thin"
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        t = Thoughts(tty)
+        cuts = sorted(rng.choice(np.arange(1, len(text)), rng.integers(0, 20), replace=False).tolist())
+        got = "".join(t(text[a:b]) for a, b in zip([0] + cuts, cuts + [len(text)])) + t.end()
+        on, off = t.shown
+        assert got == on + "Let me see: 2+2 is 4." + off + "The answer is 4 <b>x</b> <thin"
+    t = Thoughts(tty)
+    assert t("<think>stopped inside") + t.end() == t.shown[0] + "stopped inside" + t.shown[1]

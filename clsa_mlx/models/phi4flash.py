@@ -80,6 +80,13 @@ class ModelArgs(BaseModelArgs):
     def dim(self):
         return self.hidden_size
 
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    sparse = False  # no CLSA indexer: the chat's memory count has no index keys
+    index_head_dim = 0
+
 
 def full_precision(name: str) -> bool:
     """Kept in fp32 whatever the model's dtype, never quantized: the decay rates, skip weights
@@ -393,6 +400,12 @@ class Model(nn.Module):
         """The layers with a cache of their own but the shared K/V's (the chat and `generate`
         find the shared K/V right after them)."""
         return SimpleNamespace(layers=self.model.layers[: self.args.num_hidden_layers // 2 + 1])
+
+    @property
+    def cross_decoder(self):
+        """What the chat reads of the shared K/V: its heads and dtype."""
+        return SimpleNamespace(n_kv_heads=self.args.num_key_value_heads,
+                               kv_layer_norm=self.model.layers[self.args.num_hidden_layers // 2 + 1].input_layernorm)
 
     def make_cache(self):
         refuse_max_kv_size(sys._getframe(1))
