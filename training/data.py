@@ -16,6 +16,8 @@ import random
 import numpy as np
 
 from training import facts as lookup
+from training import tasks
+from training.formats import HELD_OUT_FORMATS
 
 SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
@@ -32,13 +34,20 @@ W_ANSWER, W_TEXT, W_CONTEXT = 1.0, 0.2, 0.05  # per-token loss weights: answers 
 # time, so lookups are 80% of chat tasks.
 KIND_WEIGHTS = dict(value=1.0, signature=0.8, default=0.6, doc=1.6, mention=3.0)
 LOOKUP_SHARE = 0.8
+# Of lookups, the share asked as before (facts.py's kinds, Python first); the rest are the
+# questions of training/tasks.py, each label by its weight.
+OLD_SHARE = 0.3
+TASK_WEIGHTS = {"exact": 1.0, "paraphrase": 1.6, "prose": 1.2, "table": 0.8, "quote": 1.2, "follow-up": 1.4,
+                "unanswerable": 0.8}
+MORE_TURNS = [0, 0, 1, 1, 2, 3]  # questions after the first, about the same window
 CHARS_PER_TOKEN = 3.1  # prepare.py measures it (stats.json); only sizes the documents' windows
 HELD_OUT = 0.06  # share of groups (packages, top-level modules) never trained on
 ALWAYS_HELD_OUT = {"stdlib:ftplib", "stdlib:_pydecimal", "stdlib:argparse"}  # the ones users tried
 
 
-def part_of(group: str) -> str:
-    if group in ALWAYS_HELD_OUT:
+def part_of(group: str, fmt: str = None) -> str:
+    """Whole groups (packages, modules) are held out, and whole formats (HELD_OUT_FORMATS)."""
+    if group in ALWAYS_HELD_OUT or fmt in HELD_OUT_FORMATS:
         return "heldout"
     h = int(hashlib.sha256(group.encode()).hexdigest()[:8], 16) / 16**8
     return "heldout" if h < HELD_OUT else "train"
@@ -46,7 +55,7 @@ def part_of(group: str) -> str:
 
 def read_docs(path, part: str):
     with lzma.open(path, "rt") as f:
-        return [d for d in map(json.loads, f) if part_of(d["group"]) == part]
+        return [d for d in map(json.loads, f) if part_of(d["group"], d.get("format")) == part]
 
 
 def train_tokenizer(corpus_file, prefix, vocab_size=8192):
@@ -102,6 +111,19 @@ class Sampler:
         self.user, self.assistant, self.end = (sp.piece_to_id(s) for s in SPECIALS[1:])
         self.kinds = {kind: [i for i, d in enumerate(docs) if any(f[0] == kind for f in d["facts"])]
                       for kind in lookup.KINDS}
+        self.new_facts = [[f for f in d["facts"] if len(f) == 5] for d in docs]
+        self.follows = {}
+        wanted = {"exact": ("setting", "signature"), "paraphrase": ("setting",), "prose": ("stated", "prose"),
+                  "table": ("cell",), "quote": ("describe",), "unanswerable": ("setting", "stated", "describe", "signature")}
+        # label -> format -> documents: each format asked as often as the others
+        self.labels = {label: {} for label in tasks.LABELS}
+        for i, (d, found) in enumerate(zip(docs, self.new_facts)):
+            held = {f[0] for f in found}
+            for label, kinds in wanted.items():
+                if held & set(kinds):
+                    self.labels[label].setdefault(d.get("format", "text"), []).append(i)
+            if len(held) > 1 or "prose" in held or "cell" in held or any(tasks.sibling(f[1]) for f in found if f[0] == "setting"):
+                self.labels["follow-up"].setdefault(d.get("format", "text"), []).append(i)
 
     def window(self, text, chars, span=None):
         """-> (start, slice): about `chars` characters of `text` on line boundaries, holding
@@ -154,7 +176,8 @@ class Sampler:
         # Training asks new phrases every time: a model learnt fixed ones by heart (98% of
         # training answer tokens right). Evaluations keep the fixed ones, to compare versions.
         fresh = [list(f) for f in lookup.mention_facts(d["text"], self.rng, n=4)] if self.fresh_mentions else []
-        found = [f for f in d["facts"] if f[0] != "mention"] + fresh if fresh else d["facts"]
+        found = [f for f in d["facts"] if f[0] in lookup.KINDS and f[0] != "mention"] + fresh if fresh else \
+            [f for f in d["facts"] if f[0] in lookup.KINDS]
         first = self.rng.choice([f for f in found if f[0] == kind] or [f for f in d["facts"] if f[0] == kind])
         start, text = self.window(d["text"], chars, span=(first[3], first[3] + len(first[2])))
         inside = [f for f in found if f is not first and start <= f[3] and f[3] + len(f[2]) <= start + len(text)]
@@ -163,6 +186,96 @@ class Sampler:
         qa = [(lookup.question(self.rng, f[0], s), f[2]) for f, s in zip(chosen, subjects)]
         avoid = [s if f[0] == "mention" else s.split(" ")[0].rsplit(".", 1)[-1] for f, s in zip(chosen, subjects)]
         return (d["name"], text), qa, kind, [a for a in avoid if len(a) > 3]
+
+    def pick(self, label):
+        by_format = self.labels[label]
+        if not by_format:
+            return None
+        return self.rng.choice(by_format[self.rng.choice(sorted(by_format))])
+
+    def follow_pairs(self, i):
+        if i not in self.follows:
+            self.follows[i] = tasks.follow_ups(self.new_facts[i])
+        return self.follows[i]
+
+    def first_turns(self, i, label):
+        """-> ([(fact index, question)], label) for the label's first question (and, for a
+        follow-up, the question it follows), or None where this document has none."""
+        found, rng = self.new_facts[i], self.rng
+        if label == "follow-up":
+            pairs = self.follow_pairs(i)
+            if not pairs:
+                return None
+            a, b, template = rng.choice(pairs)
+            first = tasks.ask(rng, found[a], found, "paraphrase" if rng.random() < 0.3 else "exact") or \
+                tasks.ask(rng, found[a], found)
+            return [(a, first[0]), (b, tasks.follow_question(rng, found, a, b, template))]
+        kinds = {"exact": ("setting", "signature"), "paraphrase": ("setting",), "prose": ("stated", "prose"),
+                 "table": ("cell",), "quote": ("describe",)}[label]
+        candidates = [k for k, f in enumerate(found) if f[0] in kinds]
+        for k in rng.sample(candidates, k=min(len(candidates), 8)):
+            form = label if label in ("exact", "paraphrase") else "paraphrase" if rng.random() < 0.2 else "exact"
+            asked = tasks.ask(rng, found[k], found, form) or (tasks.ask(rng, found[k], found) if label != "paraphrase" else None)
+            if asked:
+                return [(k, asked[0])]
+        return None
+
+    def abstain_question(self, fmt, texts):
+        """A question about another document's fact of the same format that none of `texts` answers."""
+        same = self.labels["unanswerable"].get(fmt) or []
+        every = [j for v in self.labels["unanswerable"].values() for j in v]
+        for attempt in range(20):
+            other = self.new_facts[self.rng.choice(same if same and attempt < 10 else every)]
+            fact = self.rng.choice(other)
+            qa = tasks.unanswerable(self.rng, fact, other, texts)
+            if qa:
+                return qa, fact[1]
+        return None
+
+    def document_turns(self, chars, label=None):
+        """-> ((name, text) of the target file, [(question, answer)], label, words the other files
+        must not hold) for training/tasks.py's questions; the first question (or, for a
+        follow-up, the second) is of `label`."""
+        rng = self.rng
+        label = label or rng.choices(tasks.LABELS, [TASK_WEIGHTS[k] for k in tasks.LABELS])[0]
+        for _ in range(20):
+            i = self.pick(label)
+            if i is None:
+                return self.synthetic_turns(chars, "kv")
+            d, found = self.docs[i], self.new_facts[i]
+            if label == "unanswerable":
+                _, text = self.window(d["text"], chars)
+                asked = self.abstain_question(d.get("format"), [text])
+                if asked:
+                    (q, a), subject = asked
+                    return (d["name"], text), [(q, a)], label, [subject]
+                continue
+            turns = self.first_turns(i, label)
+            if turns:
+                break
+        else:
+            return self.synthetic_turns(chars, "kv")
+        spans = [(found[k][3], found[k][3] + len(found[k][2])) for k, _ in turns]
+        start, text = self.window(d["text"], chars, span=(min(s for s, _ in spans), max(e for _, e in spans)))
+        if not all(start <= s and e <= start + len(text) for s, e in spans):  # two facts too far apart
+            turns, spans = turns[:1], spans[:1]
+            start, text = self.window(d["text"], chars, span=spans[0])
+        qa = [(q, found[k][2]) for k, q in turns]
+        subjects = [found[k][1] for k, _ in turns]
+        inside = [k for k, f in enumerate(found) if start <= f[3] and f[3] + len(f[2]) <= start + len(text)
+                  and k not in {k for k, _ in turns}]
+        for k in rng.sample(inside, k=min(len(inside), rng.choice(MORE_TURNS))):
+            asked = tasks.ask(rng, found[k], found, "paraphrase" if rng.random() < 0.4 else "exact") or \
+                tasks.ask(rng, found[k], found)
+            qa.append((asked[0], found[k][2]))
+            subjects.append(found[k][1])
+        if rng.random() < 0.15:
+            asked = self.abstain_question(d.get("format"), [text])
+            if asked:
+                qa.append(asked[0])
+                subjects.append(asked[1])
+        avoid = [s for s in subjects if len(s) > 3]
+        return (d["name"], text), qa, label, avoid
 
     def synthetic_turns(self, chars, kind):
         needles, qa = synthetic_task(self.rng, kind)
@@ -175,14 +288,22 @@ class Sampler:
     def chat_parts(self, length, kind=None):
         """-> ([(file name, text)], [(question, answer)], kind) of about `length` tokens. `kind`:
         a lookup kind, a synthetic one, "lookup" (any lookup) or None (lookups LOOKUP_SHARE of the time)."""
-        kind = kind or ("lookup" if self.rng.random() < LOOKUP_SHARE else self.rng.choice(SYNTHETIC))
+        if kind is None:
+            kind = "lookup" if self.rng.random() < LOOKUP_SHARE else self.rng.choice(SYNTHETIC)
+            if kind == "lookup" and (self.rng.random() >= OLD_SHARE or not any(self.kinds.values())):
+                kind = "document"
         chars = int((length - 24) * CHARS_PER_TOKEN)
         share = chars if self.rng.random() < 0.3 else max(600, int(chars * self.rng.uniform(0.05, 1.0)))
         if kind in SYNTHETIC:
             target, qa, kind, avoid = self.synthetic_turns(share, kind)
+        elif kind in tasks.LABELS or kind == "document":
+            target, qa, kind, avoid = self.document_turns(share, None if kind == "document" else kind)
         else:
             target, qa, kind, avoid = self.lookup_turns(share, None if kind == "lookup" else kind)
         files = self.filler_files(chars - len(target[1]), avoid)
+        if any(a == tasks.ABSTAIN for _, a in qa):  # no file may say what the abstention says none does
+            unsaid = [s for s in avoid if tasks.absent(s, [target[1]])]
+            files = [f for f in files if all(tasks.absent(s, [f[1]]) for s in unsaid)]
         files.insert(self.rng.randint(0, len(files)), target)
         return files, qa, kind
 

@@ -4,14 +4,20 @@
 - the Python packages installed beside it, or in folders given only to be read, whose metadata
   names a permissive licence (their sources and documentation files);
 - Debian's manual pages (rendered to text) and /usr/share/doc text of packages whose DEP-5
-  copyright file names only permissive licences.
+  copyright file names only permissive licences;
+- the packages training/fetch.py unpacked (Debian packages: docs, man pages, headers, configs, Go
+  and Rust sources; npm packages; PyPI sdists), each by its own licence record.
+
+Every document has a `format` (training/formats.py).
 
 A document's `group` (a package or top-level module) decides the train / held-out split, so no
 part of a held-out package is ever trained on.
 """
 
+import email.parser
 import gzip
 import importlib.metadata
+import json
 import pathlib
 import re
 import subprocess
@@ -19,9 +25,14 @@ import sys
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 
+from training.formats import format_of
+
 PERMISSIVE = re.compile(r"^(mit|expat|bsd|isc|apache|psf|python|zlib|x11|public.?domain|mpl|unlicense|0bsd|"
                         r"boost|curl|hpnd|cc0|permissive|historical)", re.I)
 TEXT_SUFFIXES = {".py", ".pyi", ".md", ".rst", ".txt", ".h", ".c", ".cfg", ".toml", ".ini", ".json", ".yaml"}
+FETCHED_SUFFIXES = TEXT_SUFFIXES | {".hpp", ".hh", ".go", ".rs", ".js", ".mjs", ".cjs", ".ts", ".sh", ".bash", ".mk",
+                                    ".markdown", ".yml", ".conf", ".cnf", ".defs", ".example", ""}
+MAX_CHANGELOG = 40_000  # the newest entries: a whole Debian changelog runs to megabytes
 MIN_CHARS, MAX_CHARS = 400, 400_000
 SKIP_PARTS = {"test", "tests", "testing", "idlelib", "site-packages", "dist-packages", "__pycache__", "_vendor"}
 
@@ -59,7 +70,10 @@ def stdlib():
 
 
 def package_licence(dist):
-    meta = dist.metadata
+    return metadata_licence(dist.metadata)
+
+
+def metadata_licence(meta):
     names = [meta.get("License-Expression") or "", (meta.get("License") or "").split("\n")[0]]
     names += [c.split("::")[-1].strip() for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
     names = [n for n in names if n and n != "UNKNOWN"]
@@ -92,17 +106,24 @@ def packages(extra=()):
                 yield from tree(root, licence, f"pypi:{name}", lambda rel, n=name: "pypi:" + n)
 
 
+def dep5_licence(text):
+    """The licences a DEP-5 copyright file names, if all are permissive; else None."""
+    names = set(re.findall(r"^License:\s*(\S[^\n]*)", text, re.M))
+    if text.startswith("Format:") and names and all(PERMISSIVE.match(n.strip()) for n in names):
+        return " / ".join(sorted(n.strip() for n in names))
+    return None
+
+
 def debian_licences():
     """package -> licence for /usr/share/doc/*/copyright files that name only permissive ones."""
     out = {}
     for copyright in pathlib.Path("/usr/share/doc").glob("*/copyright"):
         try:
-            text = copyright.read_text(encoding="utf-8", errors="replace")
+            licence = dep5_licence(copyright.read_text(encoding="utf-8", errors="replace"))
         except OSError:
             continue
-        names = set(re.findall(r"^License:\s*(\S[^\n]*)", text, re.M))
-        if text.startswith("Format:") and names and all(PERMISSIVE.match(n.strip()) for n in names):
-            out[copyright.parent.name] = " / ".join(sorted(names))
+        if licence:
+            out[copyright.parent.name] = licence
     return out
 
 
@@ -146,11 +167,97 @@ def debian():
                           "debian:" + package)
 
 
-def documents(extra=()):
-    """Every document once (by text), in a fixed order."""
+def decoded(path: pathlib.Path):
+    try:
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8")
+    except (OSError, UnicodeDecodeError, gzip.BadGzipFile, EOFError):
+        return None
+    if path.name.startswith("changelog") and len(text) > MAX_CHANGELOG:
+        text = text[:text.rfind("\n\n", 0, MAX_CHANGELOG) + 1]  # whole entries
+    return text
+
+
+def checked(text):
+    if text is None or not MIN_CHARS <= len(text) <= MAX_CHARS or not text.isascii() or "\x00" in text:
+        return None
+    return text if max(map(len, text.splitlines())) <= 400 else None
+
+
+def deb_package(root: pathlib.Path, package):
+    """An unpacked Debian package whose copyright file names only permissive licences."""
+    copyright = root / "usr/share/doc" / package / "copyright"
+    licence = dep5_licence(copyright.read_text(errors="replace")) if copyright.is_file() else None
+    if not licence:
+        return
+    group, rendered = "debian:" + package, []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        rel = path.relative_to(root)
+        name = path.name.removesuffix(".gz")
+        if rel.parts[:3] == ("usr", "share", "man"):
+            if re.fullmatch(r"man[1-8]", rel.parts[3]):
+                rendered.append(path)
+            continue
+        if pathlib.PurePosixPath(name).suffix not in FETCHED_SUFFIXES and name != "copyright" \
+                and not name.startswith(("changelog", "README", "NEWS", "Makefile")):
+            continue
+        text = checked(decoded(path))
+        if text:
+            yield doc(name, text, licence, f"debian-pkg:{package}/{rel}", group)
+    with ThreadPoolExecutor(2) as pool:
+        for path, text in zip(rendered, pool.map(render_man, rendered)):
+            if text and text.isascii():
+                yield doc(path.name.removesuffix(".gz"), text, licence, f"debian-man:{package}/{path.name}", group)
+
+
+def npm_package(root: pathlib.Path, package):
+    try:
+        meta = json.loads((root / "package" / "package.json").read_text())
+    except (OSError, ValueError):
+        return
+    licence = meta.get("license") if isinstance(meta.get("license"), str) else None
+    if not licence or not all(PERMISSIVE.match(n.strip("() ")) for n in re.split(r"\s+(?:OR|AND)\s+", licence)):
+        return
+    yield from fetched_tree(root / "package", licence, f"npm:{package}", "npm:" + package)
+
+
+def sdist_package(root: pathlib.Path, package):
+    infos = sorted(root.glob("*/PKG-INFO"))
+    if not infos:
+        return
+    meta = email.parser.Parser().parsestr(infos[0].read_text(errors="replace"))
+    licence = metadata_licence(meta)
+    if licence:
+        yield from fetched_tree(infos[0].parent, licence, f"pypi-sdist:{package}", "pypi:" + meta["Name"])
+
+
+def fetched_tree(root, licence, origin, group):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        rel = path.relative_to(root)
+        if SKIP_PARTS & set(rel.parts) or path.name.endswith((".min.js", "-lock.json", ".lock", "_test.go")):
+            continue
+        if path.suffix in FETCHED_SUFFIXES - {""} or path.name.startswith(("Makefile", "README", "CHANGELOG")):
+            text = checked(decoded(path))
+            if text:
+                yield doc(path.name, text, licence, f"{origin}/{rel}", group)
+
+
+def fetched(cache):
+    """The packages training/fetch.py unpacked under `cache`, in a fixed order."""
+    cache = pathlib.Path(cache)
+    readers = dict(deb=deb_package, npm=npm_package, pypi=sdist_package)
+    for kind, reader in readers.items():
+        for root in sorted((cache / kind).glob("*/")):
+            if (root / ".done").exists():
+                yield from reader(root, root.name)
+
+
+def documents(extra=(), cache=None):
+    """Every document once (by text), in a fixed order, with its format."""
     seen = set()
-    for d in (*stdlib(), *packages(extra), *debian()):
+    for d in (*stdlib(), *packages(extra), *debian(), *(fetched(cache) if cache else ())):
         key = hash(d["text"])
         if key not in seen:
             seen.add(key)
+            d["format"] = format_of(d["name"], d["origin"], d["text"])
             yield d
