@@ -81,7 +81,7 @@ def check_cache(model, cache, n_tokens=None):
     dtype = model.cross_decoder.kv_layer_norm.weight.dtype
     length = cache[n_self].offset
     if not _integer(length) or length < 0:
-        raise CacheError(f"cache {n_self}: offset {str(length)[:40]!r} is not a length")
+        raise CacheError(f"cache {n_self}: offset {repr(length)[:40]} is not a length")
     for i, (c, f, (heads, kd, vd)) in enumerate(zip(cache, fresh, model.cache_shapes())):
         if type(c).__name__ != type(f).__name__ or not isinstance(c, getattr(mlx_cache, type(f).__name__)):
             raise CacheError(f"cache {i} is a {type(c).__name__}, the model's is a {type(f).__name__}")
@@ -108,11 +108,11 @@ def _check_state(i, c, length, shape):
 def _check_rows(i, c, f, length, dtype, shape):
     heads, kd, vd = shape
     if not _integer(c.offset) or c.offset != length:
-        raise CacheError(f"cache {i}: offset {str(c.offset)[:40]!r}, the global K/V's is {length}")
+        raise CacheError(f"cache {i}: offset {repr(c.offset)[:40]}, the global K/V's is {length}")
     window = isinstance(f, mlx_cache.RotatingKVCache)
     if window and not (_integer(c.max_size) and c.max_size == f.max_size and c.keep == 0 and _integer(c._idx)):
-        raise CacheError(f"cache {i}: window {str(c.max_size)[:20]!r}, keep {str(c.keep)[:20]!r}, "
-                         f"index {str(c._idx)[:20]!r}; the model's window is {f.max_size}, keep 0")
+        raise CacheError(f"cache {i}: window {repr(c.max_size)[:20]}, keep {repr(c.keep)[:20]}, "
+                         f"index {repr(c._idx)[:20]}; the model's window is {f.max_size}, keep 0")
     if c.keys is None or c.values is None:
         if c.keys is not None or c.values is not None or length:
             raise CacheError(f"cache {i}: {length} tokens without both keys and values")
@@ -137,3 +137,16 @@ def _describe(a) -> str:
     if isinstance(a, mx.array):
         return f"{a.dtype} {tuple(a.shape)}"
     return type(a).__name__
+
+
+def check_handed_cache(model, cache):
+    """A cache list handed to the model by mlx-lm (`--prompt-cache-file`, a server's prompt cache)
+    is checked whole, once per list, when it is a plain one; batch caches are built by mlx-lm
+    itself from caches it already ran."""
+    seen = model.__dict__.setdefault("_caches_checked", [])  # kept alive: an id is never reused
+    if not cache or any(cache is s for s in seen):
+        return
+    if all(type(c).__name__ in CLASSES for c in cache) and not any(
+            getattr(c, "left_padding", None) is not None or getattr(c, "lengths", None) is not None for c in cache):
+        check_cache(model, cache)
+    seen[:] = seen[-3:] + [cache]

@@ -20,6 +20,20 @@ try:
 except ImportError as e:  # run by mlx-lm from a model folder, in an environment without us
     raise ImportError("this CLSA/YOCO model folder needs the clsa-mlx package (pip install clsa-mlx)") from e
 
+
+if Model.__module__ == "clsa_mlx.model":
+    from clsa_mlx.cache_check import check_handed_cache
+
+    class Model(Model):  # noqa: F811
+        """Under mlx-lm a prompt-cache file reaches the model directly: each cache list is checked
+        against the model before it runs (a longer index cache than K/V reads past the buffers)."""
+
+        def __call__(self, inputs, cache=None, input_embeddings=None):
+            if cache is not None:
+                check_handed_cache(self, cache)
+            return super().__call__(inputs, cache=cache, input_embeddings=input_embeddings)
+
+
 __all__ = ["Model", "ModelArgs"]
 
 install()  # under mlx-lm's server: keep a chat's document prefix in its prompt cache

@@ -26,7 +26,7 @@ def sessions(request, tmp_path_factory):
     window = dict(sliding_window=16) if request.param == "swa" else dict(sliding_window=None)
     folder = make_tiny_folder(tmp / "m", **window)
     model, tokenizer = clsa_mlx.load(folder)
-    conv = Conversation(model, tokenizer, model_identity(folder))
+    conv = Conversation(model, tokenizer, model_identity(folder), model_path=folder)
     files = {}
     for name, question in (("short", "Hi"), ("long", "What does the routing do? " * 3)):
         conv.reset()
@@ -136,3 +136,22 @@ def test_every_cache_is_checked_against_the_others(sessions, tmp_path):
         with pytest.raises(ChatError, match="session unchanged"):
             conv.load(str(tmp_path / "bad.safetensors"))
         assert _state(conv) == before, name
+
+
+def test_a_prompt_cache_file_reaching_the_model_through_mlx_lm_is_checked(sessions, tmp_path):
+    """`mlx_lm generate --trust-remote-code --prompt-cache-file` hands the file's caches to the
+    model built from the folder's model_file: an index cache longer than the K/V segfaulted there."""
+    from mlx_lm.models.cache import load_prompt_cache
+    from mlx_lm.utils import load_model
+
+    conv, files = sessions
+    model, _ = load_model(conv.model_path, trust_remote_code=True)
+    assert type(model).__module__ != "clsa_mlx.model"  # the model_file's class
+    good = load_prompt_cache(files["long"][0])
+    model(mx.array([[5]]), cache=good)  # a plain, valid cache runs
+    bad = load_prompt_cache(files["long"][0])
+    bad[-1].keys = mx.concatenate([bad[-1].keys, mx.zeros((1, 1, 3000, bad[-1].keys.shape[3]))], axis=2)
+    bad[-1].values = mx.zeros((1, 1, bad[-1].keys.shape[2], 0))
+    bad[-1].offset += 3000
+    with pytest.raises(CacheError, match="offset"):
+        model(mx.array([[5]]), cache=bad)
