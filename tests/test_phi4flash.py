@@ -308,3 +308,14 @@ def test_chat_shows_thinking_whatever_the_token_cuts(tty):
         assert got == on + "Let me see: 2+2 is 4." + off + "The answer is 4 <b>x</b> <thin"
     t = Thoughts(tty)
     assert t("<think>stopped inside") + t.end() == t.shown[0] + "stopped inside" + t.shown[1]
+
+
+def test_decode_attention_rows_equal_the_fused_calls():
+    mx.random.seed(0)
+    for B, H, Hkv, S in [(1, 8, 4, 5), (2, 40, 20, 33), (3, 8, 2, 1)]:
+        q, k, v = mx.random.normal((B, H, 1, 16)), mx.random.normal((B, Hkv, S, 16)), mx.random.normal((B, Hkv, S, 16))
+        mask = mx.random.uniform(shape=(B, 1, 1, S)) > 0.3
+        mask[..., -1] = True
+        for m in (None, mask):
+            a, b = pf.stripe_attention(q, k, v, 0.25, m), pf.stripe_attention_rows(q, k, v, 0.25, m)
+            assert max(diff(x, y) for x, y in zip(a, b)) < 1e-5

@@ -11,6 +11,7 @@ Attention heads are kept stripe-major (all even heads, then all odd ones) so tha
 is a contiguous slice of the cache for the fused attention kernels."""
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -105,6 +106,35 @@ def stripes(x, n_heads):
     return x.transpose(0, 3, 2, 1, 4).reshape(B, n_heads, L, -1)
 
 
+def stripe_attention(q, k, v, scale, mask):
+    """[softmax(q_i k_i) v_1 | softmax(q_i k_i) v_2] for stripes i = 1, 2: four fused attention calls."""
+    h, g = q.shape[1] // 2, k.shape[1] // 2
+    sdpa = mx.fast.scaled_dot_product_attention
+    return [
+        mx.concatenate([sdpa(q[:, i * h:(i + 1) * h], k[:, i * g:(i + 1) * g], v[:, j * g:(j + 1) * g],
+                             scale=scale, mask=mask) for j in (0, 1)], axis=-1)
+        for i in (0, 1)
+    ]
+
+
+def stripe_attention_rows(q, k, v, scale, mask):
+    """The same for one query row (decode): the four fused calls read every value row twice; here
+    both stripes' softmax maps meet each value half in one product, so K and V are read once."""
+    B, H, _, hd = q.shape
+    G = k.shape[1] // 2
+    g = H // 2 // G
+    maps = []
+    for i in (0, 1):
+        s = (q[:, i * G * g:(i + 1) * G * g] * scale).reshape(B, G, g, hd) @ k[:, i * G:(i + 1) * G].swapaxes(-1, -2)
+        if mask is not None:
+            s = mx.where(mask, s, -mx.inf)
+        maps.append(mx.softmax(s, axis=-1, precise=True).astype(v.dtype))
+    p = mx.concatenate(maps, axis=2)  # [B, G, 2g, S]
+    o = [p @ v[:, j * G:(j + 1) * G] for j in (0, 1)]  # [B, G, 2g, hd]
+    return [mx.concatenate([o[0][:, :, i * g:(i + 1) * g], o[1][:, :, i * g:(i + 1) * g]], axis=-1)
+            .reshape(B, G * g, 1, -1) for i in (0, 1)]
+
+
 class DiffAttention(nn.Module):
     """Two softmax maps per head pair, both over the pair's values [v1 | v2]:
     subln(a1 - lambda a2) * (1 - lambda_init)."""
@@ -120,13 +150,10 @@ class DiffAttention(nn.Module):
         self.scale = head_dim**-0.5
 
     def __call__(self, q, k, v, mask):
-        h, g = q.shape[1] // 2, k.shape[1] // 2
-        sdpa = mx.fast.scaled_dot_product_attention
-        a = [
-            mx.concatenate([sdpa(q[:, i * h:(i + 1) * h], k[:, i * g:(i + 1) * g], v[:, j * g:(j + 1) * g],
-                                 scale=self.scale, mask=mask) for j in (0, 1)], axis=-1)
-            for i in (0, 1)
-        ]
+        if q.shape[2] == 1 and os.environ.get("CLSA_MLX_PHI4FLASH_DECODE") != "sdpa":
+            a = stripe_attention_rows(q, k, v, self.scale, mask)
+        else:
+            a = stripe_attention(q, k, v, self.scale, mask)
         f32 = mx.float32
         lam = (mx.exp(mx.sum(self.lambda_q1.astype(f32) * self.lambda_k1.astype(f32)))
                - mx.exp(mx.sum(self.lambda_q2.astype(f32) * self.lambda_k2.astype(f32))) + self.lambda_init)
