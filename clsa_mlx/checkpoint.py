@@ -72,8 +72,10 @@ def _read_safetensors(path: Path) -> dict:
 def _read_torch(path: Path) -> dict:
     try:
         obj = torch_pickle.load(path)
+    except torch_pickle.UnsafePickleError as e:  # raised where the pickle names it: the file is added here
+        raise ConvertError(f"{path}: refused ({e}); only tensors and plain containers are read") from None
     except torch_pickle.TorchFormatError as e:
-        raise ConvertError(str(e)) from None
+        raise ConvertError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     if isinstance(obj, dict):
         for wrapper in ("model", "state_dict"):  # fairseq training checkpoints, lightning-style
             if isinstance(obj.get(wrapper), dict):

@@ -935,3 +935,12 @@ def test_a_broken_config_names_the_file(tmp_path, content, match):
     (folder / "config.json").write_text(content)
     with pytest.raises(ValueError, match=match):
         clsa_mlx.load(folder)
+
+
+def test_a_refused_pickle_names_its_file(tmp_path):
+    model, args = make_model("retention-dense")
+    src = write_official(model, args, tmp_path / "src")
+    torch_file(src / "checkpoint.pth", pkl(call(G("numpy", "dtype"), S("V4"), b"\x89", b"\x88")))
+    with pytest.raises(ConvertError, match=r"checkpoint.pth: refused \(numpy dtype 'V4'\); only tensors") as e:
+        convert(str(src), str(tmp_path / "out"))
+    assert str(src / "checkpoint.pth") in str(e.value) and not (tmp_path / "out").exists()
