@@ -2,6 +2,8 @@
 of a scalar): a session file either loads into a state that answers exactly as the unedited file
 does, or is refused with the session unchanged. Never a crash, never an accepted wrong state."""
 
+import os
+
 import mlx.core as mx
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
@@ -50,7 +52,7 @@ def _mutated(path, out, data):
     if what == "meta":
         # the cache's own entries (the session's texts have their fuzzer in test_hostile.py)
         key = data.draw(st.sampled_from(sorted(k for k in meta if not k.startswith("0.")
-                                               or k[2:] in ("ids", "model_id", "clsa_mlx_session"))))
+                                               or k[2:] in ("ids", "key", "model_id", "clsa_mlx_session"))))
         value = data.draw(st.sampled_from(NAMES) | st.text(max_size=8) | st.none())
         if value is None:
             meta.pop(key)
@@ -155,3 +157,39 @@ def test_a_prompt_cache_file_reaching_the_model_through_mlx_lm_is_checked(sessio
     bad[-1].offset += 3000
     with pytest.raises(CacheError, match="offset"):
         model(mx.array([[5]]), cache=bad)
+
+
+@pytest.fixture(scope="module")
+def document_entry(tmp_path_factory):
+    """A document-cache entry of a short document (the size floor lowered), and the reply a
+    conversation that starts from it gives."""
+    from clsa_mlx import prefix_cache
+
+    tmp = tmp_path_factory.mktemp("doc")
+    model = clsa_mlx.load(make_tiny_folder(tmp / "m"))
+    doc = tmp / "doc.txt"
+    doc.write_text("The value of key bada-ko is 12345. " * 4)
+    floor, prefix_cache.MIN_TOKENS = prefix_cache.MIN_TOKENS, 16
+    try:
+        conv = Conversation(*model, "tiny", prefixes=prefix_cache.PrefixCache("tiny", tmp / "c"))
+        conv.add_document(str(doc))
+        (entry,) = (tmp / "c").glob("*.clsa-document.safetensors")
+        want = list(conv.ask("What is the value?", max_tokens=3))
+        yield model, doc, entry, entry.read_bytes(), want
+    finally:
+        prefix_cache.MIN_TOKENS = floor
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_document_cache_entries_are_reused_exactly_or_prefilled_again(document_entry, tmp_path, data):
+    from clsa_mlx.prefix_cache import PrefixCache
+
+    model, doc, entry, pristine, want = document_entry
+    entry.write_bytes(pristine)
+    bad = _mutated(str(entry), tmp_path / "fuzzed.safetensors", data)
+    os.replace(bad, entry)
+    conv = Conversation(*model, "tiny", prefixes=PrefixCache("tiny", entry.parent))
+    conv.add_document(str(doc))
+    event("reused" if conv.reused else "prefilled again")
+    assert list(conv.ask("What is the value?", max_tokens=3)) == want
