@@ -124,6 +124,7 @@ class Sampler:
                     self.labels[label].setdefault(d.get("format", "text"), []).append(i)
             if len(held) > 1 or "prose" in held or "cell" in held or any(tasks.sibling(f[1]) for f in found if f[0] == "setting"):
                 self.labels["follow-up"].setdefault(d.get("format", "text"), []).append(i)
+        self.subjects = dict(self.labels["unanswerable"])  # what unanswerable questions ask about
 
     def window(self, text, chars, span=None):
         """-> (start, slice): about `chars` characters of `text` on line boundaries, holding
@@ -222,8 +223,8 @@ class Sampler:
 
     def abstain_question(self, fmt, texts):
         """A question about another document's fact of the same format that none of `texts` answers."""
-        same = self.labels["unanswerable"].get(fmt) or []
-        every = [j for v in self.labels["unanswerable"].values() for j in v]
+        same = self.subjects.get(fmt) or []
+        every = [j for v in self.subjects.values() for j in v]
         for attempt in range(20):
             other = self.new_facts[self.rng.choice(same if same and attempt < 10 else every)]
             fact = self.rng.choice(other)

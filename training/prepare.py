@@ -2,10 +2,12 @@
 sentencepiece tokenizer trained on them, and the same tokenizer as Hugging Face files with the
 chat template (DIR/hf) for the model folder.
 
-  python training/prepare.py DIR [--tokenizer OLD_DIR] [--packages PKG_DIR ...]
+  python training/prepare.py DIR [--tokenizer OLD_DIR] [--packages PKG_DIR ...] [--fetched CACHE]
     OLD_DIR: a folder whose tokenizer to reuse (to continue a model); PKG_DIR: more packages to
-    read, installed with `pip install --no-deps --target PKG_DIR ...` (not imported)
-  -> DIR/docs.jsonl.xz (with each document's lookup facts), DIR/tokenizer.model, DIR/hf/, DIR/licences.json, DIR/stats.json
+    read, installed with `pip install --no-deps --target PKG_DIR ...` (not imported); CACHE:
+    training/fetch.py's folder (packages of many formats)
+  -> DIR/docs.jsonl.xz (each document with its format and facts), DIR/tokenizer.model, DIR/hf/,
+     DIR/licences.json, DIR/stats.json (documents, facts and held-out sources per format)
 """
 
 import collections
@@ -18,10 +20,12 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from training.data import CHAT_TEMPLATE, SPECIALS, part_of, train_tokenizer  # noqa: E402
+from training.extract import doc_facts  # noqa: E402
 from training.facts import facts  # noqa: E402
 from training.sources import documents  # noqa: E402
 
 MAX_GROUP_CHARS = 15_000_000  # torch alone has 56 MB of sources: keep any one package from dominating
+MAX_FETCHED_GROUP_CHARS = 2_000_000  # fetched packages: many of them, of many formats
 OWN = "pypi:clsa-mlx"
 
 
@@ -76,15 +80,26 @@ def capped(docs):
             by_group[d["group"]].append(d)
     for group, members in sorted(by_group.items()):
         random.Random(group).shuffle(members)
-        total = 0
+        total, cap = 0, MAX_FETCHED_GROUP_CHARS if members[0]["origin"].startswith(FETCHED) else MAX_GROUP_CHARS
         for d in members:
             total += len(d["text"])
-            if total > MAX_GROUP_CHARS:
+            if total > cap:
                 break
             yield d
 
 
-def main(out, tokenizer=None, extra=()):
+FETCHED = ("debian-pkg:", "npm:", "pypi-sdist:")
+
+
+def all_facts(name, text, fmt):
+    return facts(name, text) + doc_facts(name, text, fmt)
+
+
+def split(d):
+    return part_of(d["group"], d["format"])
+
+
+def main(out, tokenizer=None, extra=(), fetched=None):
     import shutil
 
     import sentencepiece as spm
@@ -92,19 +107,19 @@ def main(out, tokenizer=None, extra=()):
     out = pathlib.Path(out)
     if tokenizer and not (pathlib.Path(tokenizer) / "tokenizer.model").is_file():  # before minutes of work
         sys.exit(f"{tokenizer}/tokenizer.model: no such file")
-    for folder in extra:
+    for folder in [*extra, *([fetched] if fetched else [])]:
         if not pathlib.Path(folder).is_dir():
             sys.exit(f"{folder}: no such folder")
     out.mkdir(parents=True, exist_ok=True)
-    docs = list(capped(documents(extra)))
+    docs = list(capped(documents(extra, fetched)))
     with multiprocessing.Pool() as pool:  # once here, not in every training worker
-        found = pool.starmap(facts, [(d["name"], d["text"]) for d in docs], chunksize=16)
+        found = pool.starmap(all_facts, [(d["name"], d["text"], d["format"]) for d in docs], chunksize=16)
     for d, f in zip(docs, found):
         d["facts"] = f
     with lzma.open(out / "docs.jsonl.xz", "wt", preset=6) as f:
         for d in docs:
             f.write(json.dumps(d) + "\n")
-    train_text = [d["text"] for d in docs if part_of(d["group"]) == "train"]
+    train_text = [d["text"] for d in docs if split(d) == "train"]
     if tokenizer:
         shutil.copy(pathlib.Path(tokenizer) / "tokenizer.model", out / "tokenizer.model")
     else:
@@ -117,13 +132,19 @@ def main(out, tokenizer=None, extra=()):
     for d in docs:
         licences[d["origin"].split("/")[0].split(":")[0] + ":" + d["group"].split(":", 1)[1]].add(d["license"])
     (out / "licences.json").write_text(json.dumps({k: sorted(v) for k, v in sorted(licences.items())}, indent=1))
-    chars = collections.Counter()
+    chars, formats = collections.Counter(), collections.defaultdict(collections.Counter)
     for d in docs:
-        chars[part_of(d["group"])] += len(d["text"])
+        chars[split(d)] += len(d["text"])
+        formats[d["format"]][split(d)] += 1
+        formats[d["format"]]["facts"] += len(d["facts"])
     stats = dict(documents=len(docs), groups=len({d["group"] for d in docs}),
                  facts=dict(collections.Counter(f[0] for d in docs for f in d["facts"])),
+                 formats={k: dict(v) for k, v in sorted(formats.items())},
                  heldout_groups=sorted({d["group"] for d in docs if part_of(d["group"]) == "heldout"}),
                  chars=dict(chars), chars_per_token=len(sample) / len(sp.encode(sample)))
+    unheld = [k for k, v in formats.items() if not v["heldout"]]
+    if unheld:
+        print(f"no held-out documents of: {', '.join(sorted(unheld))}")
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
     hf = write_hf_tokenizer(out / "tokenizer.model", out / "hf")
     from transformers import AutoTokenizer
@@ -144,5 +165,6 @@ if __name__ == "__main__":
     p.add_argument("out")
     p.add_argument("--tokenizer", help="a prepared folder whose tokenizer to reuse instead of training one")
     p.add_argument("--packages", nargs="*", default=[], help="folders of packages to read as well")
+    p.add_argument("--fetched", help="training/fetch.py's cache folder, read as well")
     a = p.parse_args()
-    main(a.out, a.tokenizer, a.packages)
+    main(a.out, a.tokenizer, a.packages, a.fetched)
