@@ -7,11 +7,9 @@ reads; then GMU (even) and cross differential attention (odd). No positional enc
 Caches (`make_cache()`, in layer order up to L/2 + 1): `ArraysCache(2)` (conv, SSM state) per Mamba
 layer, `RotatingKVCache(window)` per sliding layer, one `KVCache` for the shared K/V. The GMU and
 cross layers keep nothing: their memory and K/V come from this call's layers L/2 and L/2 + 1.
-Attention heads are kept stripe-major (all even heads, then all odd ones) so that each stripe
-is a contiguous slice of the cache for the fused attention kernels."""
+The K/V caches hold head pairs: row [k_2p | k_2p+1] of 2 * head_dim per pair (`pair_attention`)."""
 
 import math
-import os
 import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -99,40 +97,24 @@ def lambda_init(depth: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * depth)
 
 
-def stripes(x, n_heads):
-    """[B, L, n*hd] -> [B, n, L, hd] with the even heads first, then the odd ones."""
+def pairs(x, n_heads):
+    """[B, L, n * hd] -> [B, n / 2, L, 2 hd]: head pair (2p, 2p + 1) as one row [even | odd]."""
     B, L, _ = x.shape
-    x = x.reshape(B, L, n_heads // 2, 2, -1)
-    return x.transpose(0, 3, 2, 1, 4).reshape(B, n_heads, L, -1)
+    return x.reshape(B, L, n_heads // 2, -1).transpose(0, 2, 1, 3)
 
 
-def stripe_attention(q, k, v, scale, mask):
-    """[softmax(q_i k_i) v_1 | softmax(q_i k_i) v_2] for stripes i = 1, 2: four fused attention calls."""
-    h, g = q.shape[1] // 2, k.shape[1] // 2
-    sdpa = mx.fast.scaled_dot_product_attention
-    return [
-        mx.concatenate([sdpa(q[:, i * h:(i + 1) * h], k[:, i * g:(i + 1) * g], v[:, j * g:(j + 1) * g],
-                             scale=scale, mask=mask) for j in (0, 1)], axis=-1)
-        for i in (0, 1)
-    ]
-
-
-def stripe_attention_rows(q, k, v, scale, mask):
-    """The same for one query row (decode): the four fused calls read every value row twice; here
-    both stripes' softmax maps meet each value half in one product, so K and V are read once."""
-    B, H, _, hd = q.shape
-    G = k.shape[1] // 2
-    g = H // 2 // G
-    maps = []
-    for i in (0, 1):
-        s = (q[:, i * G * g:(i + 1) * G * g] * scale).reshape(B, G, g, hd) @ k[:, i * G:(i + 1) * G].swapaxes(-1, -2)
-        if mask is not None:
-            s = mx.where(mask, s, -mx.inf)
-        maps.append(mx.softmax(s, axis=-1, precise=True).astype(v.dtype))
-    p = mx.concatenate(maps, axis=2)  # [B, G, 2g, S]
-    o = [p @ v[:, j * G:(j + 1) * G] for j in (0, 1)]  # [B, G, 2g, hd]
-    return [mx.concatenate([o[0][:, :, i * g:(i + 1) * g], o[1][:, :, i * g:(i + 1) * g]], axis=-1)
-            .reshape(B, G * g, 1, -1) for i in (0, 1)]
+def pair_attention(q, k, v, scale, mask):
+    """Both softmax maps of every head pair over the pair's values [v1 | v2], in one fused attention
+    call that reads each K/V row once: the rows are the pairs [k1 | k2] and [v1 | v2], and the even
+    query meets k1 as [q1 | 0], the odd one k2 as [0 | q2]. q, k, v: pairs (`pairs`); returns the
+    two maps' outputs a1, a2 [B, H/2, L, 2 hd]."""
+    B, P, L, d = q.shape
+    G, hd = k.shape[1], d // 2
+    z = mx.zeros((B, P, L, hd), q.dtype)
+    q1, q2 = mx.concatenate([q[..., :hd], z], axis=-1), mx.concatenate([z, q[..., hd:]], axis=-1)
+    q = mx.stack([q1.reshape(B, G, -1, L, d), q2.reshape(B, G, -1, L, d)], axis=2).reshape(B, 2 * P, L, d)
+    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask).reshape(B, G, 2, -1, L, d)
+    return o[:, :, 0].reshape(B, P, L, d), o[:, :, 1].reshape(B, P, L, d)
 
 
 class DiffAttention(nn.Module):
@@ -150,14 +132,11 @@ class DiffAttention(nn.Module):
         self.scale = head_dim**-0.5
 
     def __call__(self, q, k, v, mask):
-        if q.shape[2] == 1 and os.environ.get("CLSA_MLX_PHI4FLASH_DECODE") != "sdpa":
-            a = stripe_attention_rows(q, k, v, self.scale, mask)
-        else:
-            a = stripe_attention(q, k, v, self.scale, mask)
+        a1, a2 = pair_attention(q, k, v, self.scale, mask)
         f32 = mx.float32
         lam = (mx.exp(mx.sum(self.lambda_q1.astype(f32) * self.lambda_k1.astype(f32)))
                - mx.exp(mx.sum(self.lambda_q2.astype(f32) * self.lambda_k2.astype(f32))) + self.lambda_init)
-        o = self.subln(a[0] - lam.astype(q.dtype) * a[1]) * (1 - self.lambda_init)
+        o = self.subln(a1 - lam.astype(q.dtype) * a2) * (1 - self.lambda_init)
         B, _, L, _ = o.shape
         return o.transpose(0, 2, 1, 3).reshape(B, L, -1)  # pair p = [head 2p | head 2p + 1]
 
@@ -185,8 +164,8 @@ class Attention(nn.Module):
         else:
             q_end, k_end = self.n_heads * self.head_dim, (self.n_heads + self.n_kv_heads) * self.head_dim
             q, k, v = mx.split(qkv, (q_end, k_end), axis=-1)
-            k, v = cache.update_and_fetch(stripes(k, self.n_kv_heads), stripes(v, self.n_kv_heads))
-        o = self.inner_cross_attn(stripes(q, self.n_heads), k, v, mask)
+            k, v = cache.update_and_fetch(pairs(k, self.n_kv_heads), pairs(v, self.n_kv_heads))
+        o = self.inner_cross_attn(pairs(q, self.n_heads), k, v, mask)
         return self.out_proj(o), (k, v)
 
 
@@ -469,8 +448,8 @@ class Model(nn.Module):
         a = self.args
         hd = a.hidden_size // a.num_attention_heads
         dtype = self.model.final_layernorm.weight.dtype
-        keys = mx.zeros((B, a.num_key_value_heads, size, hd), dtype)
-        values = mx.zeros((B, a.num_key_value_heads, size, hd), dtype)
+        keys = mx.zeros((B, a.num_key_value_heads // 2, size, 2 * hd), dtype)
+        values = mx.zeros((B, a.num_key_value_heads // 2, size, 2 * hd), dtype)
         if c.offset:
             keys[..., : c.offset, :] = c.keys[..., : c.offset, :]
             values[..., : c.offset, :] = c.values[..., : c.offset, :]
