@@ -87,7 +87,7 @@ def main():
                 inputs=[q.reshape(1, D), kidx, prm, mx.zeros((1,), mx.int32)],
                 template=[("QT", dt), ("KT", dt), ("D", D), ("TG", kernels._TG_SCORE)],
                 grid=(C * kernels._TG_SCORE, 1, 1), threadgroup=(kernels._TG_SCORE, 1, 1),
-                output_shapes=[(1, T + (C + 1) * 256)], output_dtypes=[mx.uint32], init_value=0,
+                output_shapes=[(1, (C + 1) * 256 + T)], output_dtypes=[mx.uint32], init_value=0,
             )
         if be and T <= 131072:  # batched decode routing (mlx-lm's BatchGenerator), one row each
             qb = mx.random.normal((BATCH, 1, D)).astype(dt)

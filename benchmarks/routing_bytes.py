@@ -1,22 +1,18 @@
-"""Memory traffic of one decode token's routing, counted from the kernels' loads and stores
-(not measured), before and after the row totals, and what it costs at Apple M-series
-bandwidths.
+"""Routing's memory: what one call allocates (the dispatch's plan) and the bytes its kernels
+move (counted from the kernels' loads and stores, checked on the SIMT emulator), against the
+minimum the algorithm needs.
 
-    python benchmarks/routing_bytes.py [--out-dir benchmarks/results]
+    python benchmarks/routing_bytes.py --rows R --keys T [--batch B] [--k 2048]
+        the plan of one call of R query rows (per batch row) over T keys: its pieces, launches,
+        zero fills and the line `scratch N MB` (the most extra device memory it holds at once:
+        one piece's matmul scores and zero-filled work buffers; pieces run one after another)
+    python benchmarks/routing_bytes.py [--out-dir benchmarks/results] [--emulate-to 65536]
+        one decode token's routing traffic at 8K-1M keys, counted; up to --emulate-to also run on
+        the emulator (tests/simt.py), which counts every element each launch reads or writes,
+        per kernel; writes routing_bytes.json and routing_bytes.png
 
-"before": every chunk group of the three radix passes summed all C chunk histograms of its
-row (C x 1 KB each, so C^2 KB a level), and the select pass summed them once more.
-"after": each histogram pass adds its chunk into a 256-bin row total (device atomics into
-an MLX-zeroed output), and the next pass reads 1 KB of totals plus its own chunk's row; the
-last digit is picked in the write pass, whose groups each read the total and three
-counts per earlier chunk.
-The count is of bytes requested; the GPU's caches serve part of the repeated histogram
-reads, so the "before" time at DRAM bandwidth is an upper bound.
-"emulated": the same routing run on the CPU's SIMT emulator (tests/simt.py), which counts every
-element each launch reads or writes through its buffers, less the parameters and the query row
-that every thread reads (broadcast loads); up to 64K keys; MLX's zero fills are not kernel
-accesses and are added from the count above.
-Writes routing_bytes.json and routing_bytes.png.
+The minimum: reading the index keys once and writing the k indices. The count is of bytes
+requested; a GPU's caches serve part of the repeated reads.
 """
 
 import argparse
@@ -35,61 +31,93 @@ from clsa_mlx import kernels  # noqa: E402
 MACS = {"M1": 68, "M2 Pro": 200, "M3 Max": 400, "M4 Max": 546, "M2 Ultra": 800}
 
 
-def routing_bytes(T: int, D: int, k: int, key_bytes: int = 2, totals: bool = True) -> dict:
+def routing_bytes(T: int, D: int, k: int, key_bytes: int = 2) -> dict:
+    """One decode row's routing traffic by part (the scores computed in the kernel)."""
     _, C = kernels._chunking(T)
-    hist = C * 256 * 4  # one row's chunk histograms
-    parts = {
+    hist = C * 1024  # one digit's chunk histograms
+    (piece,) = kernels.route_plan(1, 1, T, k)["pieces"]
+    return {
         "index keys": T * D * key_bytes,
-        "scores (write, 3 radix reads, final read)": T * 4 * 5,
+        "score keys (write, 3 radix reads, final read)": T * 4 * 5,
         "chunk histograms (write, own-row reads)": hist * 5,
+        "row totals (atomics, reads)": 4 * (hist + C * 1024),
+        "zero fills of the outputs": piece["fill_bytes"],
+        "select in the write pass": C * 1024 + 3 * 4 * C * (C - 1) // 2,
+        "index list": k * 4,
     }
-    if totals:
-        parts["row totals (atomics, reads)"] = 4 * (hist + C * 1024)
-        parts["zero fills of the outputs"] = T * 4 + hist * 4 + 4 * 1024
-        # the write pass's groups each read the total and 3 counts per earlier chunk
-        parts["select in the write pass"] = C * 1024 + 3 * 4 * C * (C - 1) // 2
-    else:
-        parts["every group sums all chunk histograms"] = 3 * C * hist
-        parts["select pass"] = 2 * hist
-    parts["index list"] = k * 4
-    return parts
 
 
-def emulated_bytes(T: int, D: int, k: int) -> int:
-    """One decode token's routing (one row, fp16 index keys) on the SIMT emulator: the bytes
-    its launches read and write, plus MLX's zero fills."""
+def minimum_bytes(T: int, D: int, k: int, key_bytes: int = 2) -> int:
+    return T * D * key_bytes + 4 * k
+
+
+def emulated(T: int, D: int, k: int) -> dict:
+    """One decode row's routing (fp16 index keys) on the SIMT emulator: per kernel, its
+    launches and the bytes they read and write, less the parameters and the query row that
+    every thread reads (broadcast loads a cache serves)."""
     import simt
 
     q = mx.random.normal((1, 1, D), key=mx.random.key(0)).astype(mx.float16)
     kk = mx.random.normal((1, T, D), key=mx.random.key(1)).astype(mx.float16)
     with simt.emulated() as made:
         mx.eval(kernels.route(q, kk, k, T - 1, "simt"))
-    # Every thread reads the parameters and the query row: broadcast loads a cache serves.
-    kernel_bytes = sum(v for kern in made.values() for b, v in kern.bytes.items() if b not in ("prm", "start", "q"))
-    return kernel_bytes + routing_bytes(T, D, k)["zero fills of the outputs"]
+    return {name: dict(launches=kern.launches,
+                       bytes=sum(v for b, v in kern.bytes.items() if b not in ("prm", "start", "q")))
+            for name, kern in made.items() if kern.launches}
+
+
+def emulated_bytes(T: int, D: int, k: int) -> int:
+    """The emulator's count plus MLX's zero fills (not kernel accesses)."""
+    return sum(v["bytes"] for v in emulated(T, D, k).values()) + routing_bytes(T, D, k)["zero fills of the outputs"]
+
+
+def plan_lines(B: int, L: int, T: int, k: int) -> list:
+    plan = kernels.route_plan(B, L, T, k)
+    pieces, MB = plan["pieces"], 1e6
+    p = pieces[0]
+    how = "scores in the kernel" if p["fused"] else "scores by matmul (fp32), read by the passes"
+    total = {n: sum(q[n] for q in pieces) for n in ("launches", "fills", "fill_bytes")}
+    return [
+        f"routing call: {B} batch row(s) x {L} query rows over {T} keys, k = {k}",
+        f"pieces {len(pieces)}: up to {p['rows']} rows, {p['chunks']} chunk(s) of {p['chunk']} keys a row; {how}",
+        f"launches {total['launches']} ({p['launches']} a piece, matmul included) and {total['fills']} zero fills",
+        f"per piece: matmul scores {p['score_bytes'] / MB:.1f} MB, zero-filled work {p['fill_bytes'] / MB:.1f} MB",
+        f"zero fill in all {total['fill_bytes'] / MB:.1f} MB; index lists out {plan['out_bytes'] / MB:.1f} MB",
+        f"scratch {plan['scratch_bytes'] / MB:.1f} MB",
+    ]
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--rows", type=int, help="query rows of one call (per batch row)")
+    ap.add_argument("--keys", type=int, help="keys T")
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--emulate-to", type=int, default=65536, help="largest T run on the emulator")
     args = ap.parse_args()
-    Ts = [8192, 32768, 65536, 131072, 262144, 524288, 1048576]
+    if args.rows or args.keys:
+        if not (args.rows and args.keys) or min(args.rows, args.keys, args.batch, args.k) < 1:
+            ap.error("--rows and --keys go together, each at least 1")
+        print("\n".join(plan_lines(args.batch, args.rows, args.keys, args.k)))
+        return
     rows = []
     for D, k in ((128, args.k), (32, 256)):  # paper-scale indexer; the shipped model's
-        for T in Ts:
-            before, after = (sum(routing_bytes(T, D, k, totals=t).values()) for t in (False, True))
-            row = dict(T=T, D=D, k=k, chunks=kernels._chunking(T)[1], before_MB=before / 1e6, after_MB=after / 1e6)
+        for T in (8192, 32768, 65536, 131072, 262144, 524288, 1048576):
+            parts = routing_bytes(T, D, k)
+            row = dict(T=T, D=D, k=k, chunks=kernels._chunking(T)[1], counted_MB=sum(parts.values()) / 1e6,
+                       minimum_MB=minimum_bytes(T, D, k) / 1e6)
             if T <= args.emulate_to:
-                row["emulated_MB"] = emulated_bytes(T, D, k) / 1e6
-            row.update({f"{m}_us_before": before / bw / 1e3 for m, bw in MACS.items()})
-            row.update({f"{m}_us_after": after / bw / 1e3 for m, bw in MACS.items()})
+                per = emulated(T, D, k)
+                row["emulated"] = per
+                row["emulated_MB"] = (sum(v["bytes"] for v in per.values()) + parts["zero fills of the outputs"]) / 1e6
+            row["over_minimum"] = row.get("emulated_MB", row["counted_MB"]) / row["minimum_MB"]
+            row.update({f"{m}_us": row["counted_MB"] * 1e6 / bw / 1e3 for m, bw in MACS.items()})
             rows.append(row)
-            print(json.dumps({k_: round(v, 3) if isinstance(v, float) else v for k_, v in row.items()}))
+            print(json.dumps({k_: round(v, 3) if isinstance(v, float) else v for k_, v in row.items()}), flush=True)
     out = dict(note=__doc__.strip().splitlines()[0], macs_GBps=MACS, rows=rows,
-               parts_1M_D128=dict(before=routing_bytes(1 << 20, 128, args.k, totals=False),
-                                  after=routing_bytes(1 << 20, 128, args.k)))
+               parts_1M_D128=routing_bytes(1 << 20, 128, args.k),
+               plan_2048_rows_128K=plan_lines(1, 2048, 131072, args.k))
     d = Path(args.out_dir)
     d.mkdir(parents=True, exist_ok=True)
     (d / "routing_bytes.json").write_text(json.dumps(out, indent=1))
@@ -105,18 +133,19 @@ def plot(rows, path):
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     for D, style in ((128, "-"), (32, "--")):
         pts = [r for r in rows if r["D"] == D]
-        for key, color in (("before", "tab:red"), ("after", "tab:green")):
-            ax[0].plot([r["T"] for r in pts], [r[f"{key}_MB"] for r in pts], style, color=color, marker="o",
-                       label=f"{key}, d_idx={D}, k={pts[0]['k']}")
-            ax[1].plot([r["T"] for r in pts], [r[f"M3 Max_us_{key}"] for r in pts], style, color=color,
-                       marker="o", label=f"{key}, d_idx={D}")
+        ax[0].plot([r["T"] for r in pts], [r["counted_MB"] for r in pts], style, color="tab:green", marker="o",
+                   label=f"counted, d_idx={D}, k={pts[0]['k']}")
+        ax[0].plot([r["T"] for r in pts], [r["minimum_MB"] for r in pts], style, color="gray",
+                   label=f"minimum (index keys once), d_idx={D}")
         emu = [r for r in pts if "emulated_MB" in r]
         ax[0].plot([r["T"] for r in emu], [r["emulated_MB"] for r in emu], "x", color="black", ms=9,
-                   label=f"after, run on the SIMT emulator, d_idx={D}")
+                   label=f"run on the SIMT emulator, d_idx={D}")
+        ax[1].plot([r["T"] for r in pts], [r["over_minimum"] for r in pts], style, marker="o", label=f"d_idx={D}")
     ax[0].set(xscale="log", yscale="log", xlabel="context T (keys)", ylabel="MB per decode token",
-              title="routing traffic per token (counted, one row)")
-    ax[1].set(xscale="log", yscale="log", xlabel="context T (keys)", ylabel="us per token",
-              title="at an M3 Max's 400 GB/s (an upper bound: caches serve repeats)")
+              title="routing traffic per token (one row)")
+    ax[1].axhline(1.5, color="gray", ls=":", label="1.5x the minimum")
+    ax[1].set(xscale="log", xlabel="context T (keys)", ylabel="bytes / minimum",
+              title="over the minimum (emulated where run, else counted)")
     for a in ax:
         a.legend(fontsize=8)
         a.grid(alpha=0.3)

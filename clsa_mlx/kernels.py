@@ -95,31 +95,77 @@ def _kernel(backend_name: str, name: str):
     return mx.fast.cuda_kernel(**common)
 
 
-def _chunking(T: int):
-    chunk = max(_TG, -(-T // (_MAX_CHUNKS * _TG)) * _TG)
+_GROUPS = 2048  # groups per routing pass to aim for: enough for every GPU core, no more
+
+
+def _chunking(T: int, rows: int = 1):
+    """(chunk, C): chunks per row from the row count too, so many-row calls keep few
+    chunk histograms (C KB a level and row)."""
+    want = max(1, min(_MAX_CHUNKS, -(-_GROUPS // rows)))
+    chunk = max(_TG, -(-T // (want * _TG)) * _TG)
     return chunk, -(-T // chunk)
 
 
-_MAX_SCORE_BYTES = 1 << 30  # fp32 score buffer per launch group (many-row calls are split)
+_MAX_SCORE_BYTES = 32 << 20  # score keys of one launch group (many-row calls are split)
+
+
+def route_pieces(B: int, L: int, T: int):
+    """The launch groups of one routing call, [(b0, b1, l0, l1)]: query rows in pieces
+    whose score keys fit `_MAX_SCORE_BYTES` (whole batch rows first, then batch rows split),
+    so a call's scratch is bounded by bytes, not by its row count."""
+    rows = max(1, min(1 << 20, _MAX_SCORE_BYTES // (4 * max(T, 1))))
+    ls = max(1, min(L, rows // B))
+    bs = B if ls * B <= rows else max(1, rows)
+    return [(b, min(B, b + bs), l, min(L, l + ls)) for b in range(0, B, bs) for l in range(0, L, ls)]
+
+
+def route_variants(B: int, L: int, T: int):
+    """The library variants a routing call builds: (scores in the kernel, `start` in
+    constant memory) per piece. MLX passes an input of fewer than 8 elements in the
+    constant address space, a different library from the device one."""
+    return {(l1 - l0 <= _FUSED_MAX_L, b1 - b0 < 8) for b0, b1, l0, l1 in route_pieces(B, L, T)}
+
+
+def route_plan(B: int, L: int, T: int, k: int) -> dict:
+    """What one routing call launches and allocates (counted, not measured): per piece its
+    rows, chunks and the bytes of its zero-filled work buffers and matmul scores. Pieces
+    run one after another, so the call's scratch is its largest piece's."""
+    pieces = []
+    for b0, b1, l0, l1 in route_pieces(B, L, T):
+        R = (b1 - b0) * (l1 - l0)
+        chunk, C = _chunking(T, R)
+        fused = l1 - l0 <= _FUSED_MAX_L
+        words = (T + (C + 1) * 256 if fused else (C + 1) * 256) + 3 * ((C + 1) * 256 + 4 + C)
+        pieces.append(dict(rows=R, chunk=chunk, chunks=C, fused=fused, fill_bytes=4 * R * words,
+                           score_bytes=0 if fused else 4 * R * T, launches=5 + (not fused), fills=4))
+    return dict(pieces=pieces, scratch_bytes=max(p["fill_bytes"] + p["score_bytes"] for p in pieces),
+                out_bytes=4 * B * L * k)
 
 
 def route(q_idx, k_idx, k: int, offset: int, be: str, start=None):
-    """Route in pieces of query rows small enough for one launch grid (< 2**31
-    threads) and a bounded fp32 score buffer; see `_route_rows`. `start` `[B]`: each
-    batch row's first valid position (None: 0)."""
+    """Route in pieces of query rows whose scores fit `_MAX_SCORE_BYTES` (`route_pieces`);
+    see `_route_rows`. `start` `[B]`: each batch row's first valid position (None: 0)."""
     if k < 1:  # the select pass would read a threshold no pass wrote
         raise ValueError(f"routing needs k >= 1, got {k}")
     B, L, _ = q_idx.shape
     T = k_idx.shape[1]
     start = _no_padding(B) if start is None else mx.maximum(start, 0).astype(mx.int32)
-    _, C = _chunking(T)
-    step = max(1, min((2**31 - 1) // (B * C * _TG_SCORE), _MAX_SCORE_BYTES // (B * T * 4)))
-    if L <= step:
+    pieces = route_pieces(B, L, T)
+    if len(pieces) == 1:
         return _route_rows(q_idx, k_idx, k, offset, be, start)
-    return mx.concatenate(
-        [_route_rows(q_idx[:, i : i + step], k_idx, k, offset + i, be, start) for i in range(0, L, step)],
-        axis=1,
-    )
+    out = {}
+    for b0, b1, l0, l1 in pieces:
+        q = q_idx[b0:b1, l0:l1]
+        kk, st = (k_idx, start) if b1 - b0 == B else (k_idx[b0:b1], start[b0:b1])
+        out.setdefault(b0, []).append(_route_rows(q, kk, k, offset + l0, be, st))
+    rows = [mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0] for parts in out.values()]
+    return mx.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
+
+
+def route_supported(q_idx, k_idx, k: int) -> bool:
+    """No input is small enough for MLX's constant address space but `start` (whose two
+    variants the self-test probes)."""
+    return q_idx.shape[-1] >= 8 and q_idx.shape[0] * k >= 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,37 +184,47 @@ def _route_rows(q_idx, k_idx, k: int, offset: int, be: str, start):
     the earlier chunks' counts and writes in order. Each histogram pass also adds its chunk
     into the row's total (device atomics), so the next pass reads 256 totals, not every
     chunk's histogram; that needs a zeroed output, so each such pass has one packed output
-    (layouts in metal/common.h) and MLX zeroes it."""
+    (layouts in metal/common.h) and MLX zeroes it. Many rows (more than `_FUSED_MAX_L`
+    query rows) score with MLX's matmul, and the passes read those fp32 scores directly."""
     B, L, D = q_idx.shape
     T = k_idx.shape[1]
     R = B * L
-    chunk, C = _chunking(T)
+    chunk, C = _chunking(T, R)
     prm = mx.array([T, L, offset, k, chunk, C, 0, 0], dtype=mx.int32)
     grid = (R * C * _TG, 1, 1)
     tg = (_TG, 1, 1)
-    score_work = dict(output_shapes=[(R, T + (C + 1) * 256)], output_dtypes=[mx.uint32], init_value=0)
-    if L <= _FUSED_MAX_L:
+    fused = L <= _FUSED_MAX_L
+    if fused:
         q = mx.contiguous(q_idx).reshape(R, D)
         (sw,) = _kernel(be, "route_score")(
             inputs=[q, k_idx, prm, start],
             template=[("QT", q.dtype), ("KT", k_idx.dtype), ("D", D), ("TG", _TG_SCORE)],
             grid=(R * C * _TG_SCORE, 1, 1),
             threadgroup=(_TG_SCORE, 1, 1),
-            **score_work,
+            output_shapes=[(R, (C + 1) * 256 + T)],
+            output_dtypes=[mx.uint32],
+            init_value=0,
         )
+        hist = sw
     else:
-        # Many rows: MLX's matmul computes the scores better than a per-row scan.
         from .sparse import index_scores
 
-        scores = mx.contiguous(index_scores(q_idx, k_idx).reshape(R, T))
-        (sw,) = _kernel(be, "route_hist0")(
-            inputs=[scores, prm, start], template=[("TG", _TG)], grid=grid, threadgroup=tg, **score_work
+        sw = mx.contiguous(index_scores(q_idx, k_idx).reshape(R, T))
+        (hist,) = _kernel(be, "route_hist0")(
+            inputs=[sw, prm, start],
+            template=[("TG", _TG)],
+            grid=grid,
+            threadgroup=tg,
+            output_shapes=[(R, (C + 1) * 256)],
+            output_dtypes=[mx.uint32],
+            init_value=0,
         )
-    work = sw  # level 1 reads the score work's histograms
+    scores = [("SCORES", int(not fused))]
+    work = hist
     for level in (1, 2, 3):
         (work,) = _kernel(be, "route_hist")(
             inputs=[sw, prm, start, work],
-            template=[("LEVEL", level), ("TG", _TG)],
+            template=[("LEVEL", level), ("TG", _TG)] + scores,
             grid=grid,
             threadgroup=tg,
             output_shapes=[(R, (C + 1) * 256 + 4 + C)],
@@ -177,7 +233,7 @@ def _route_rows(q_idx, k_idx, k: int, offset: int, be: str, start):
         )
     (idx,) = _kernel(be, "route_write")(
         inputs=[sw, prm, start, work],
-        template=[("TG", _TG)],
+        template=[("TG", _TG)] + scores,
         grid=grid,
         threadgroup=tg,
         output_shapes=[(R, k)],

@@ -89,19 +89,29 @@ def sparse_attention_ref(q, keys, values, idx, scale: float) -> mx.array:
 # through its reference.
 
 
+def _routing_trusted(name: str, be, q_idx, k_idx, k: int, **inst) -> bool:
+    """Every library variant the call builds passed its self-test (`kernels.route_variants`)."""
+    if be is None or not kernels.route_supported(q_idx, k_idx, k):
+        return False
+    (B, L, D), T = q_idx.shape, k_idx.shape[1]
+    inst = dict(qt=q_idx.dtype, kt=k_idx.dtype, D=D, **inst)
+    return all(
+        _trusted(name, be, **inst, fused=fused, start_constant=small)
+        for fused, small in sorted(kernels.route_variants(B, L, T))
+    )
+
+
 def route(q_idx, k_idx, k: int, offset: int, start=None) -> mx.array:
     q_idx, k_idx = mx.stop_gradient(q_idx), mx.stop_gradient(k_idx)
     be = kernels.backend()
-    fused = q_idx.shape[1] <= kernels._FUSED_MAX_L
-    if be is None or not _trusted("route", be, qt=q_idx.dtype, kt=k_idx.dtype, D=q_idx.shape[-1], fused=fused):
+    if not _routing_trusted("route", be, q_idx, k_idx, k):
         return route_ref(q_idx, k_idx, k, offset, start)
     return kernels.route(q_idx, k_idx, k, offset, be, start)
 
 
 def select_kv(q_idx, k_idx, keys, values, k: int, start=None):
     be = kernels.backend()
-    inst = dict(qt=q_idx.dtype, kt=k_idx.dtype, D=q_idx.shape[-1], dt=keys.dtype, HD=keys.shape[-1])
-    if be is None or not _trusted("select_kv", be, **inst):
+    if not _routing_trusted("select_kv", be, q_idx[:, -1:], k_idx, k, dt=keys.dtype, HD=keys.shape[-1]):
         return select_kv_ref(q_idx, k_idx, keys, values, k, start)
     return kernels.select_kv(q_idx, k_idx, keys, values, k, be, start)
 
@@ -111,6 +121,7 @@ def sparse_attention(q, keys, values, idx, scale: float) -> mx.array:
     if (
         be is None
         or not kernels.sparse_attention_supported(q, keys, values)
+        or idx.size < 8  # MLX would pass it in constant memory: a library the self-test never built
         or not _trusted("sparse_attention", be, dt=q.dtype, HD=q.shape[-1], G=q.shape[1] // keys.shape[1])
     ):
         return sparse_attention_ref(q, keys, values, idx, scale)
@@ -178,19 +189,24 @@ def _ints(shape, dtype, seed: int):
     return mx.random.randint(-3, 4, shape, key=mx.random.key(seed)).astype(dtype)
 
 
-def _probe_route(be, qt, kt, D, fused):
+def _probe_start(B: int, T: int, L: int) -> mx.array:
+    # Row 1 is left-padded down to fewer than k positions, row 2 to none.
+    return mx.array([0, T - L - 5, T] + [3] * (B - 3), mx.int32)
+
+
+def _probe_route(be, qt, kt, D, fused, start_constant):
     L = 1 if fused else kernels._FUSED_MAX_L + 1
-    B, T, k = 2, 300 + L, 16  # two chunks; row 1 is left-padded down to fewer than k positions
-    start = mx.array([0, T - L - 5], mx.int32)
+    B, T, k = 4 if start_constant else 8, 300 + L, 16  # two chunks a row at most
+    start = _probe_start(B, T, L)
     q, kk = _ints((B, L, D), qt, 1), _ints((B, T, D), kt, 2)
     got, want = kernels.route(q, kk, k, T - L, be, start), route_ref(q, kk, k, T - L, start)
     mx.eval(got, want)
     return None if mx.array_equal(got, want) else "index lists differ from the reference"
 
 
-def _probe_select_kv(be, qt, kt, D, dt, HD):
-    B, H, T, k = 2, 2, 300, 16
-    start = mx.array([0, T - 5], mx.int32)
+def _probe_select_kv(be, qt, kt, D, dt, HD, fused, start_constant):
+    B, H, T, k = 4 if start_constant else 8, 2, 300, 16
+    start = _probe_start(B, T, 1)
     q, kk = _ints((B, 1, D), qt, 3), _ints((B, T, D), kt, 4)
     keys, values = _ints((B, H, T, HD), dt, 5), _ints((B, H, T, HD), dt, 6)
     got = kernels.select_kv(q, kk, keys, values, k, be, start)

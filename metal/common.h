@@ -33,13 +33,19 @@ FN uint block_excl_scan(uint v, uint lane, uint warp, SHARED_PTR(uint) ws) {
   return r;
 }
 
-// Row layouts of the routing work buffers (uint32, zeroed by MLX before each pass):
-// score work [R, score_row]: the T score keys, C chunk histograms of the top digit, the
-// row's total histogram; level work [R, level_row]: C chunk histograms of the next digit
-// (at the last level: per digit, the chunk's keys at or above it), the row's total, the
-// state (prefix, remaining k, 0, 0), and each chunk's count of keys above.
-FN size_t score_row(int T, int C) { return (size_t)T + (size_t)(C + 1) * 256; }
-FN size_t level_row(int C) { return (size_t)(C + 1) * 256 + 4 + (size_t)C; }
+// Row layouts of the routing work buffers (uint32 words, zeroed by MLX before each pass),
+// each row a hist_row first: C chunk histograms of one digit and the row's total (256 bins
+// each). Score work [R, score_row]: the top digit's hist_row, then the T score keys (when
+// the kernel scores; from a matmul the passes read the fp32 scores and key them as they go).
+// Level work [R, level_row]: the next digit's hist_row (at the last level: per digit, the
+// chunk's keys at or above it), the state (prefix, remaining k, 0, 0), and each chunk's
+// count of keys above. Every buffer a launch indexes holds fewer than 2^31 elements
+// (kernels.py bounds a launch's rows by bytes), so offsets are 32-bit.
+FN uint hist_row(int C) { return (uint)(C + 1) * 256u; }
+FN uint score_row(int T, int C) { return hist_row(C) + (uint)T; }
+FN uint level_row(int C) { return hist_row(C) + 4u + (uint)C; }
+FN uint as_key(uint key) { return key; }
+FN uint as_key(float score) { return score_key(score); }
 
 // Writes one chunk's threadgroup histogram h (256 bins) to hist and adds it into the
 // row's total (device atomics, zero bins skipped), so the next pass reads 256 totals

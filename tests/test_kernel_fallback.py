@@ -83,6 +83,27 @@ def test_build_error_falls_back_with_one_line_per_instantiation(monkeypatch, cap
         assert "falls back to the MLX reference" in line and "metal, " in line
 
 
+def failing_at_eval(**kw):
+    """Outputs whose evaluation raises, as a Metal library that fails to build does: MLX
+    encodes the outputs' fills, then the build error surfaces inside mx.eval."""
+    broken = mx.linalg.inv(mx.zeros((1, 1)), stream=mx.cpu)[0, 0]  # raises only when evaluated
+    return [mx.zeros(s, d) + broken.astype(d) for s, d in zip(kw["output_shapes"], kw["output_dtypes"])]
+
+
+def test_build_error_at_eval_time_falls_back(monkeypatch, caplog):
+    want = reference_logits(monkeypatch)
+    out = failing_at_eval(output_shapes=[(2,)], output_dtypes=[mx.float32])  # the call itself passes
+    with pytest.raises(RuntimeError):
+        mx.eval(out)
+    fake_kernels(monkeypatch, lambda name: failing_at_eval)
+    with caplog.at_level(logging.WARNING, logger="clsa_mlx"):
+        assert_same(run_model(), want)
+        assert_same(run_model(), want)
+    lines = warnings_of(caplog)
+    assert len(lines) == len(sparse.fallbacks()) == 3
+    assert all("RuntimeError" in line and "LU factorization failed" in line for line in lines)
+
+
 def test_thread_limit_error_in_one_launch_names_it(monkeypatch, caplog):
     want = reference_logits(monkeypatch)
     fake_kernels(monkeypatch, lambda name: raising(ValueError(THREAD_ERROR)) if name == "route_write" else zeros)

@@ -95,7 +95,9 @@ def test_metal_address_spaces_and_threadgroup_bytes(tmp_path):
 def test_dispatch_covers_decode_and_shipped_shapes():
     ids = {instance_id(*inst) for inst in INSTANCES}
     # decode with one batch row: `start` is `constant`
-    assert {"route_write-256-ddcd", "route_hist-3-256-ddcd", "route_score-float16-float16-64-512-dddc"} <= ids
+    assert {"route_write-256-0-ddcd", "route_hist-3-256-0-ddcd", "route_score-float16-float16-64-512-dddc"} <= ids
+    # many rows, `start` in device memory
+    assert {"route_write-256-1-dddd", "route_hist-1-256-1-dddd", "route_hist0-256-ddd"} <= ids
     assert any(i.startswith("route_score-bfloat16-bfloat16-32-512") for i in ids)
     assert any(i.startswith("sparse_attention-float16-64-2-") for i in ids)
     assert len({i for i in ids if i.startswith("sparse_attention")}) == 45

@@ -53,6 +53,42 @@ def test_route_exact_at_the_chunk_limit(T):
     assert_route_equal(q, kk, 2048, T - 1)
 
 
+@pytest.mark.parametrize("B,L,T,rows", [(5, 1, 3001, 3), (2, 9, 1500, 7), (3, 6, 2100, 12), (9, 2, 700, 2)])
+def test_route_in_pieces_with_few_chunks_exact(B, L, T, rows, monkeypatch):
+    # Pieces of few rows (batch rows split, query rows split, fused and matmul pieces), one or
+    # two chunks a row: what a many-row call at a long context runs, at CPU sizes.
+    monkeypatch.setattr(kernels, "_MAX_SCORE_BYTES", 4 * T * rows)
+    monkeypatch.setattr(kernels, "_GROUPS", 5)  # 1 to 3 chunks a row
+    assert len(kernels.route_pieces(B, L, T)) > 1
+    start = mx.array([0, 7, T - L - 3, T, T // 2, 1, 2, 3, 4][:B])
+    q, kk = ints((B, L, 32), mx.bfloat16, 11, -40, 41), ints((B, T, 32), mx.bfloat16, 12, -40, 41)
+    assert_route_equal(q, kk, 300, T - L, start)
+    assert_route_equal(q, kk, 300, T - L)
+
+
+def test_route_plan_counts_what_the_kernels_allocate(emulated):
+    # route_plan's zero-filled bytes and launches are the ones the dispatch makes.
+    B, L, T, k = 2, 6, 2100, 64
+    for shape in ((B, L, T), (B, 1, T)):
+        for kern in emulated.values():
+            kern.launches = 0
+        filled = []
+        real = simt.Kernel.__call__
+
+        def counting(self, inputs, output_shapes, output_dtypes, init_value=None, **kw):
+            if init_value is not None:
+                filled.append(sum(4 * int(np.prod(s)) for s in output_shapes))
+            return real(self, inputs, output_shapes, output_dtypes, init_value=init_value, **kw)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(simt.Kernel, "__call__", counting)
+            q, kk = ints((shape[0], shape[1], 32), mx.float16, 1), ints((B, T, 32), mx.float16, 2)
+            kernels.route(q, kk, k, T - 1, "simt")
+        (piece,) = kernels.route_plan(*shape, k)["pieces"]
+        assert sum(filled) == piece["fill_bytes"] and len(filled) == piece["fills"]
+        assert sum(kern.launches for kern in emulated.values()) == piece["launches"] - (not piece["fused"])
+
+
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 @pytest.mark.parametrize("L,T,k", [(1, 40, 8), (1, 3001, 64), (5, 300, 16), (9, 1500, 256)])
 def test_route_with_start_exact(dtype, L, T, k):
@@ -140,6 +176,43 @@ def test_dispatch_and_self_test_use_the_kernels(emulated):
     sparse.sparse_attention(ints((2, 4, 3, 64), mx.bfloat16, 5), keys, values, idx, 0.125)
     assert not sparse.fallbacks()
     assert {n for n, kern in emulated.items() if kern.launches} >= set(kernels.KERNELS) - {"route_hist0"}
+
+
+def test_self_test_builds_every_library_variant_a_call_builds(monkeypatch):
+    # MLX builds a separate library when `start` has under 8 elements (constant memory): each
+    # variant a call launches (pieces of a many-row call included) must have run in a probe first.
+    monkeypatch.setattr(sparse, "_verdicts", {})
+    monkeypatch.setattr(kernels, "_MAX_SCORE_BYTES", 4 * 600 * 20)  # 20 rows a piece at T = 600
+    made, probing = kernels._kernel, []
+    launched = {True: set(), False: set()}  # in a probe or not -> {(kernel, start in constant memory)}
+
+    def recording(be, name):
+        def launch(inputs, **kw):
+            if "start" in kernels.KERNELS[name][1]:
+                launched[bool(probing)].add((name, inputs[kernels.KERNELS[name][1].index("start")].size < 8))
+            return made(be, name)(inputs=inputs, **kw)
+
+        return launch
+
+    def probe(*a, **kw):
+        probing.append(1)
+        try:
+            return self_test(*a, **kw)
+        finally:
+            probing.pop()
+
+    self_test = sparse._self_test
+    monkeypatch.setattr(kernels, "_kernel", recording)
+    monkeypatch.setattr(sparse, "_self_test", probe)
+    T = 600
+    for B, L in ((2, 1), (9, 1), (30, 1), (2, 6), (9, 3), (3, 30)):  # (30, 1): pieces of 20 and 10 rows
+        q, kk = ints((B, L, 32), mx.float16, B), ints((B, T, 32), mx.float16, L)
+        sparse.route(q, kk, 64, T - L)
+        if L == 1:
+            sparse.select_kv(q, kk, ints((B, 2, T, 64), mx.float16, 3), ints((B, 2, T, 64), mx.float16, 4), 64)
+    assert not sparse.fallbacks()
+    assert launched[False] <= launched[True]
+    assert {c for _, c in launched[False]} == {True, False}
 
 
 def test_model_through_the_kernels_equals_the_references(emulated):
