@@ -6,6 +6,8 @@ import pytest
 
 from benchmarks import bench_batch, bench_models, summarize_models
 
+pytestmark = pytest.mark.e2e  # subprocesses, terminals, servers or training: pytest -m e2e
+
 
 def test_bench_models_micro(tmp_path):
     results = bench_models.run("micro", [48, 200], bits=0, steps=6, prefill_max=200, transformer_max=200)

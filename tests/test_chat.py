@@ -14,6 +14,8 @@ from clsa_mlx import load
 from clsa_mlx.conversation import ChatError, Conversation, model_identity
 from clsa_mlx.tiny import make_tiny_folder
 
+pytestmark = pytest.mark.e2e  # subprocesses, terminals, servers or training: pytest -m e2e
+
 pexpect = pytest.importorskip("pexpect")
 ROOT = Path(__file__).resolve().parents[1]
 STATS = r"\[prompt \d+ tok"

@@ -18,6 +18,8 @@ from clsa_mlx.generate import stream_generate
 from clsa_mlx.model import Model
 from clsa_mlx.tiny import byte_tokenizer, make_tiny_folder, save_model_folder, tiny_args
 
+pytestmark = pytest.mark.e2e  # subprocesses, terminals, servers or training: pytest -m e2e
+
 ARCHS = {
     "clsa": {},
     "clsa-retention": dict(sliding_window=None, self_decoder="gated_retention"),

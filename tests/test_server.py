@@ -17,6 +17,8 @@ import pytest
 
 from clsa_mlx.tiny import make_tiny_folder
 
+pytestmark = pytest.mark.e2e  # subprocesses, terminals, servers or training: pytest -m e2e
+
 ARCHS = {"clsa": {}, "yoco-retention": dict(index_topk=0, sliding_window=None, self_decoder="gated_retention")}
 # byte tokenizer: one token per character; window 16, top-k 8; prompt chunks of 256 tokens
 PROMPTS = [("The document says: " + "routing once per token " * n)[: n * 23] for n in (2, 19, 33, 44)]

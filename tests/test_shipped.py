@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import pytest
 
 import clsa_mlx
 from clsa_mlx.loading import shipped_model
+
+pytestmark = pytest.mark.e2e  # subprocesses, terminals, servers or training: pytest -m e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 FILLER = (

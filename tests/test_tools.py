@@ -24,6 +24,8 @@ from clsa_mlx.conversation import ChatError, Conversation, model_identity
 from clsa_mlx.loading import shipped_model
 from clsa_mlx.tiny import byte_tokenizer, make_tiny_folder
 
+pytestmark = pytest.mark.e2e  # subprocesses, terminals, servers or training: pytest -m e2e
+
 PROMPT = "The pass key is"
 
 
