@@ -25,3 +25,12 @@ def test_console_scripts_and_modules(command, module):
     for cmd in ([exe, "--help"], [sys.executable, "-m", module, "--help"]):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and re.search(r"^Usage: ", r.stdout, re.M), (cmd, r.stderr[-500:])
+
+
+def test_ci_runs_the_readme_set_up_and_both_lanes():
+    """.ci/run installs and tests exactly as the README's set-up says, then runs the e2e lane."""
+    setup = (ROOT / "README.md").read_text().split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)\n```", setup, re.S)
+    assert len(commands) == 2 and commands[0].endswith("python chat.py"), commands
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci and ci[-1] == "pytest -q -m e2e" and ci.index(commands[1]) < len(ci) - 1
