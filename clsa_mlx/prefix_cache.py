@@ -23,7 +23,8 @@ MIN_TOKENS = 2048  # shorter prefixes prefill in about the time a file takes to 
 SUFFIX = ".clsa-document.safetensors"
 MARKER = "CLSA_MLX_DOCUMENT_CACHE"  # in a folder we made: "its *.clsa-document.safetensors are ours"
 # our entries (and the name they had before the suffix), and a write cut short
-_OURS = re.compile(r"[0-9A-Za-z_-]+-[0-9a-f]{32}(\.clsa-document)?\.safetensors|\.[0-9a-f]{32}\.partial-[0-9]+\.safetensors")
+_OURS = re.compile(r"[0-9A-Za-z_-]+-[0-9a-f]{32}(\.clsa-document)?\.safetensors"
+                   r"|\.[0-9a-f]{32}\.partial-[0-9]+\.safetensors")
 
 
 class FolderError(ValueError):
@@ -112,7 +113,7 @@ class PrefixCache:
         tmp = self.folder / f".{key}.partial-{os.getpid()}.safetensors"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            if not (self.folder / MARKER).exists():
+            if not os.path.lexists(self.folder / MARKER):
                 (self.folder / MARKER).write_text("clsa-mlx keeps prefilled documents here; it deletes only its "
                                                   f"own *{SUFFIX} files\n")
             tmp.unlink(missing_ok=True)  # never written through a link left under this name

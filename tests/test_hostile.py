@@ -944,3 +944,23 @@ def test_a_refused_pickle_names_its_file(tmp_path):
     with pytest.raises(ConvertError, match=r"checkpoint.pth: refused \(numpy dtype 'V4'\); only tensors") as e:
         convert(str(src), str(tmp_path / "out"))
     assert str(src / "checkpoint.pth") in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_the_document_cache_never_writes_through_links(tiny, tmp_path):
+    from clsa_mlx.conversation import Conversation
+    from clsa_mlx.prefix_cache import MARKER, PrefixCache
+
+    folder, outside = tmp_path / "cache", tmp_path / "outside"
+    outside.mkdir()
+    folder.mkdir()
+    os.symlink(outside / "marker", folder / MARKER)  # dangling: writing the marker would create it outside
+    prefixes = PrefixCache("tiny", folder)
+    doc = _doc(tmp_path / "d.txt")
+    text = Conversation(*tiny, "tiny")._rendered_before(f"File d.txt:\n{doc.read_text()}")
+    os.symlink(outside / "entry", prefixes._path(prefixes._key(text)))
+    conv = Conversation(*tiny, "tiny", prefill_step=512, prefixes=prefixes)
+    conv.add_document(str(doc))
+    assert not list(outside.iterdir()) and not prefixes._path(prefixes._key(text)).is_symlink()
+    again = Conversation(*tiny, "tiny", prefixes=PrefixCache("tiny", folder))
+    again.add_document(str(doc))
+    assert again.reused
