@@ -210,10 +210,10 @@ def test_tokenizer_larger_than_the_model_is_refused_by_convert_and_load(tmp_path
     model, args = make_model("retention-dense")  # 97 tokens
     src = write_official(model, args, tmp_path / "src")
     write_tokenizer(src)  # 259
-    with pytest.raises(ConvertError, match="tokenizer has 259 tokens but the model's vocab_size is 97"):
+    with pytest.raises(ConvertError, match="tokenizer hands out ids up to 258 but the model's vocab_size is 97"):
         convert(str(src), str(tmp_path / "out"), progress=False)
     folder = make_tiny_folder(tmp_path / "tiny", vocab_size=100)
-    with pytest.raises(ValueError, match="tokenizer has 259 tokens but the model's vocab_size is 100"):
+    with pytest.raises(ValueError, match="tokenizer hands out ids up to 258 but the model's vocab_size is 100"):
         clsa_mlx.load(folder)
 
 
