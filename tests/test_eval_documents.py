@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import clsa_mlx
 from tests.test_document_tasks import DOCS
 from training.data import part_of
@@ -15,6 +17,7 @@ from training.facts import facts
 from training.tasks import ABSTAIN
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e  # subprocesses, terminals, servers or training: pytest -m e2e
 
 
 def test_documents_are_asked_through_the_chat_and_resume(tmp_path):

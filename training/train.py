@@ -5,7 +5,9 @@
   joint:  top-k sparse attention in the forward pass, L_LM + 0.1 * L_KD
 
 Each stage reads the previous stage's official checkpoint (checkpoint.pth + params.json) and
-writes its own, so a run can be split over several GPU sessions.
+writes its own, so a run can be split over several GPU sessions. Within a stage, OUT/resume.pt
+(weights, optimizer, step, time spent) is written every --save-every minutes: the same command
+run again continues from it, and a stage already finished (OUT/train_STAGE.json) is skipped.
 
   python training/train.py --data DIR --out DIR --stage dense --minutes 5
 """
@@ -14,6 +16,7 @@ import argparse
 from dataclasses import asdict
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -83,7 +86,17 @@ def answer_accuracy(model, data_dir, length, n, sparse, dev, seed=1234):
     return right / total
 
 
-def train(args):
+def save_resume(path, model, opt, step, elapsed, log):
+    tmp = path.with_suffix(".partial")
+    torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, elapsed=elapsed, log=log), tmp)
+    os.replace(tmp, path)  # a run killed while saving keeps the previous one
+
+
+def train(args, clock=time.time):
+    """`clock`: the time source of the --minutes budget and the log (a test passes a fake one)."""
+    if (args.out / f"train_{args.stage}.json").exists():
+        print(f"{args.stage}: already trained -> {args.out}")
+        return
     cfg = {**STAGES[args.stage], **({"lr": args.lr} if args.lr else {})}
     dev = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -106,10 +119,21 @@ def train(args):
     loader = torch.utils.data.DataLoader(Batches(args.data, args.seq, args.batch, args.seed, args.text_share), batch_size=None,
                                          num_workers=args.workers, prefetch_factor=4 if args.workers else None)
     it = iter(loader)
-    log, t0, step = [], time.time(), 0
-    budget = args.minutes * 60
+    log, t0, step = [], clock(), 0
+    resume = args.out / "resume.pt"
+    if resume.exists():
+        state = torch.load(resume, map_location=dev, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        log, step, t0 = state["log"], state["step"], t0 - state["elapsed"]
+        print(f"{args.stage}: continuing from step {step}, {state['elapsed']:.0f}s spent", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    budget, saved = args.minutes * 60, clock()
     while True:
-        elapsed = time.time() - t0
+        if clock() - saved > args.save_every * 60:
+            save_resume(resume, model, opt, step, clock() - t0, log)
+            saved = clock()
+        elapsed = clock() - t0
         if (args.steps and step >= args.steps) or (not args.steps and elapsed > budget):
             break
         # By time, not by a step count guessed from the first steps: those include the start-up
@@ -140,7 +164,7 @@ def train(args):
             with torch.no_grad():
                 answer = w == W_ANSWER
                 acc = ((logits.argmax(-1) == y) & answer).sum() / answer.sum().clamp(min=1)
-            row = dict(step=step, seconds=round(time.time() - t0, 1), loss=round(loss.item(), 4),
+            row = dict(step=step, seconds=round(clock() - t0, 3), loss=round(loss.item(), 4),
                        answer_token_acc=round(acc.item(), 4), lr=opt.param_groups[0]["lr"])
             if cfg["kd"]:
                 row["kd"] = round(kd.item(), 4)
@@ -155,17 +179,17 @@ def train(args):
             evals[f"{'clsa' if sparse else 'dense'}@{length}"] = acc
             print(f"retrieval {'clsa' if sparse else 'dense'} @ {length}: {acc:.3f}", flush=True)
     model.cpu()
-    args.out.mkdir(parents=True, exist_ok=True)
     save_official(model, margs, args.out)
     tokens = step * args.batch * args.seq
     (args.out / f"train_{args.stage}.json").write_text(json.dumps(
-        dict(stage=args.stage, steps=step, tokens=tokens, seq=args.seq, batch=args.batch, seconds=time.time() - t0,
+        dict(stage=args.stage, steps=step, tokens=tokens, seq=args.seq, batch=args.batch, seconds=clock() - t0,
              device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__,
              config=asdict(margs), stage_config=cfg, retrieval=evals, log=log), indent=1))
-    print(f"{args.stage}: {step} steps, {tokens / 1e6:.1f}M tokens in {time.time() - t0:.0f}s -> {args.out}")
+    resume.unlink(missing_ok=True)
+    print(f"{args.stage}: {step} steps, {tokens / 1e6:.1f}M tokens in {clock() - t0:.0f}s -> {args.out}")
 
 
-def main():
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=pathlib.Path, required=True, help="training/prepare.py's folder")
     p.add_argument("--out", type=pathlib.Path, required=True)
@@ -181,11 +205,16 @@ def main():
     p.add_argument("--workers", type=int, default=6)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=float, default=4.0, help="minutes between OUT/resume.pt saves")
     p.add_argument("--override", default="{}", help="JSON of config changes for experiments")
     p.add_argument("--eval-lengths", type=int, nargs="*", default=[], help="retrieval check after training")
     p.add_argument("--eval-samples", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    train(p.parse_args())
+    return p
+
+
+def main():
+    train(parser().parse_args())
 
 
 if __name__ == "__main__":
