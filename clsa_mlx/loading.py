@@ -10,7 +10,7 @@ from typing import Optional
 
 import mlx.core as mx
 from huggingface_hub import snapshot_download
-from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load_tokenizer, save_config
+from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, dequantize_model, load_tokenizer, save_config
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 
 from .config import ModelArgs, check_adapter, check_weights
@@ -170,6 +170,9 @@ def _load_model(path: Path, lazy: bool, strict: bool, model_config, fuse: bool, 
                                            get_model_classes=get_model_classes)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:  # config.json or weights
         raise ValueError(f"{path}: {one_line(e)}") from None
+    if config.get("quantization") and mx.default_device() != mx.gpu:
+        # Stored quantized for its bytes; MLX's CPU backend runs quantized matmuls far slower than fp16.
+        model = dequantize_model(model)
     if sharded:
         if adapter_path is not None:
             raise ValueError("adapters are not supported on a sharded model (as in mlx-lm); fuse them first")
