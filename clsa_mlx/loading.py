@@ -182,7 +182,10 @@ def _load_model(path: Path, lazy: bool, strict: bool, model_config, fuse: bool, 
     if adapter_path is not None:
         from mlx_lm.tuner.utils import load_adapters
 
-        model = load_adapters(model, str(adapter_path))
+        try:
+            model = load_adapters(model, str(adapter_path))
+        except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:  # shapes, names, missing keys
+            raise ValueError(f"{adapter_path}: {one_line(e)}") from None
         model.eval()
     if fuse:
         model.stack_projections(materialize=not lazy)

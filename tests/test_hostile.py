@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from convert_fixtures import ROOT, make_model, write_hf, write_official, write_tokenizer
@@ -964,3 +964,36 @@ def test_the_document_cache_never_writes_through_links(tiny, tmp_path):
     again = Conversation(*tiny, "tiny", prefixes=PrefixCache("tiny", folder))
     again.add_document(str(doc))
     assert again.reused
+
+
+def test_adapter_weights_of_the_wrong_shape_or_names_give_one_line(tmp_path):
+    folder = make_tiny_folder(tmp_path / "m")
+    for weights, match in (({"cross_decoder.layers.0.mixer.q_proj.lora_a": mx.zeros((64, 5))}, "does not match"),
+                           ({"nothing.lora_a": mx.zeros((2, 2))}, "not an adapter parameter")):
+        with pytest.raises(ValueError, match=match) as e:
+            clsa_mlx.load(folder, adapter_path=_adapter(tmp_path, {"num_layers": 2}, weights))
+        assert str(e.value).startswith(str(tmp_path / "adapter")) and "\n" not in str(e.value)
+    model, _ = clsa_mlx.load(folder, adapter_path=_adapter(tmp_path, None, {
+        "cross_decoder.layers.0.mixer.q_proj.lora_a": mx.zeros((64, 4))}))  # a well-formed adapter loads
+
+
+ADAPTER_VALUES = st.none() | st.booleans() | st.integers(-10, 10**12) | st.floats() | st.text(max_size=4) \
+    | st.lists(st.integers(0, 3), max_size=2)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["fine_tune_type", "num_layers", "rank", "scale", "dropout", "keys"]),
+                       ADAPTER_VALUES, min_size=1, max_size=3))
+def test_fuzzed_adapter_configs_load_or_give_one_line(tmp_path_factory, changes):
+    tmp = tmp_path_factory.mktemp("a")
+    folder = make_tiny_folder(tmp / "m")
+    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}
+    for k, v in changes.items():
+        (lora if k in lora or k == "keys" else config)[k] = v
+    try:
+        clsa_mlx.load(folder, adapter_path=_adapter(tmp, config, {
+            "cross_decoder.layers.0.mixer.q_proj.lora_a": mx.zeros((64, 4))}))
+        event("loaded")
+    except ValueError as e:
+        assert "\n" not in str(e) and str(tmp / "adapter") in str(e)
