@@ -997,3 +997,22 @@ def test_fuzzed_adapter_configs_load_or_give_one_line(tmp_path_factory, changes)
         event("loaded")
     except ValueError as e:
         assert "\n" not in str(e) and str(tmp / "adapter") in str(e)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["n_layers", "dim", "hidden_dim", "vocab_size", "n_self_heads",
+                                        "n_attn_heads", "n_attn_kv_heads", "index_head_dim", "sliding_window"]),
+                       st.integers(-2, 2**40) | st.sampled_from([2, 4, 6, 16, 64, 128, 20_000]), min_size=1,
+                       max_size=3))
+def test_fuzzed_config_sizes_load_or_give_one_line_before_building(tmp_path_factory, changes):
+    import time
+
+    folder = make_tiny_folder(tmp_path_factory.mktemp("c") / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    t = time.perf_counter()
+    try:
+        clsa_mlx.load(folder)
+    except ValueError as e:
+        assert "\n" not in str(e) and str(folder) in str(e)
+    assert time.perf_counter() - t < 5
