@@ -8,6 +8,7 @@ document's prefix is kept for the next question, in memory and in a bounded fold
 
 import argparse
 import copy
+import ctypes
 import gc
 import hashlib
 import io
@@ -412,6 +413,11 @@ class APIHandler(mlx_server.APIHandler):
         self.wfile.write(body)
 
 
+class HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default 5 resets clients that connect together
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clsa-serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder or hub id (default: the shipped model)")
@@ -434,6 +440,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache-bytes", type=mlx_server._parse_size, default=None)
     p.add_argument("--prefix-cache-dir", default=str(FOLDER or ""), help="document prefixes kept on disk ('' for none)")
     p.add_argument("--prefix-cache-gb", type=float, default=8.0, help="bound of that folder")
+    p.add_argument("--buffer-cache-gb", type=float, default=None,
+                   help="bound of MLX's cache of freed buffers (default: MLX's own)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--trust-remote-code", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -467,19 +475,31 @@ def start(args):
         generator.stop_and_join()
         raise ValueError(one_line(generator.load_error or "the model did not load"))
     info = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    ThreadingHTTPServer.address_family = info[0]
-    httpd = ThreadingHTTPServer(info[4], lambda *a, **kw: APIHandler(generator, *a, **kw))
-    httpd.daemon_threads = True
-    return httpd, generator
+    HTTPServer.address_family = info[0]
+    return HTTPServer(info[4], lambda *a, **kw: APIHandler(generator, *a, **kw)), generator
+
+
+def fixed_mmap_threshold():
+    """glibc raises its mmap threshold whenever a large block is freed, and from then on keeps
+    freed buffers of that size (MLX's arrays on the CPU) in its heap: a server's memory then grows
+    with the mix of request shapes. A fixed threshold gives them back (Linux only)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD, glibc's default start
+        except (OSError, AttributeError):
+            pass
 
 
 def main(argv=None):
+    fixed_mmap_threshold()
     args = parser().parse_args(argv)
     if args.trust_remote_code:
         sys.exit("clsa-serve: --trust-remote-code is not accepted: our model classes are built in, and with it "
                  "mlx-lm would run code from any folder a client names")
     logging.basicConfig(level=args.log_level, format="%(asctime)s - %(levelname)s - %(message)s")
     args.model = args.model or str(shipped_model())
+    if args.buffer_cache_gb is not None:
+        mx.set_cache_limit(int(args.buffer_cache_gb * 1e9))
     try:
         httpd, generator = start(_cli_args(args))
     except (OSError, ValueError, RuntimeError) as e:
