@@ -12,6 +12,7 @@ The K/V caches hold head pairs: row [k_2p | k_2p+1] of 2 * head_dim per pair (`p
 import math
 import sys
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 from typing import Any, List, Optional, Union
 
@@ -109,12 +110,26 @@ def pair_attention(q, k, v, scale, mask):
     query meets k1 as [q1 | 0], the odd one k2 as [0 | q2]. q, k, v: pairs (`pairs`); returns the
     two maps' outputs a1, a2 [B, H/2, L, 2 hd]."""
     B, P, L, d = q.shape
-    G, hd = k.shape[1], d // 2
-    z = mx.zeros((B, P, L, hd), q.dtype)
-    q1, q2 = mx.concatenate([q[..., :hd], z], axis=-1), mx.concatenate([z, q[..., hd:]], axis=-1)
-    q = mx.stack([q1.reshape(B, G, -1, L, d), q2.reshape(B, G, -1, L, d)], axis=2).reshape(B, 2 * P, L, d)
-    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask).reshape(B, G, 2, -1, L, d)
+    G = k.shape[1]
+    o = mx.fast.scaled_dot_product_attention(_pair_queries(q, G), k, v, scale=scale, mask=mask)
+    o = o.reshape(B, G, 2, -1, L, d)
     return o[:, :, 0].reshape(B, P, L, d), o[:, :, 1].reshape(B, P, L, d)
+
+
+@mx.compile
+def _pair_queries(q, G):
+    B, P, L, d = q.shape
+    z = mx.zeros((B, P, L, d // 2), q.dtype)
+    q1, q2 = mx.concatenate([q[..., : d // 2], z], axis=-1), mx.concatenate([z, q[..., d // 2:]], axis=-1)
+    return mx.stack([q1.reshape(B, G, -1, L, d), q2.reshape(B, G, -1, L, d)], axis=2).reshape(B, 2 * P, L, d)
+
+
+@partial(mx.compile, shapeless=True)
+def _differential(a1, a2, lq1, lk1, lq2, lk2, w, init):
+    """subln(a1 - lambda a2) * (1 - lambda_init), lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init."""
+    f32 = mx.float32
+    lam = mx.exp(mx.sum(lq1.astype(f32) * lk1.astype(f32))) - mx.exp(mx.sum(lq2.astype(f32) * lk2.astype(f32)))
+    return mx.fast.rms_norm(a1 - (lam + init).astype(a1.dtype) * a2, w, 1e-5) * (1 - init)
 
 
 class DiffAttention(nn.Module):
@@ -133,10 +148,8 @@ class DiffAttention(nn.Module):
 
     def __call__(self, q, k, v, mask):
         a1, a2 = pair_attention(q, k, v, self.scale, mask)
-        f32 = mx.float32
-        lam = (mx.exp(mx.sum(self.lambda_q1.astype(f32) * self.lambda_k1.astype(f32)))
-               - mx.exp(mx.sum(self.lambda_q2.astype(f32) * self.lambda_k2.astype(f32))) + self.lambda_init)
-        o = self.subln(a1 - lam.astype(q.dtype) * a2) * (1 - self.lambda_init)
+        o = _differential(a1, a2, self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.subln.weight,
+                          mx.array(self.lambda_init, mx.float32))
         B, _, L, _ = o.shape
         return o.transpose(0, 2, 1, 3).reshape(B, L, -1)  # pair p = [head 2p | head 2p + 1]
 
@@ -232,8 +245,29 @@ def ssm_scan(x, dt, A, Bm, C, D, h):
     return y.reshape(B, n * c, Dn)[:, :L], h
 
 
+@mx.compile
+def _conv_silu(x_full, weight, bias):
+    """silu(depthwise causal conv) of the L = len(x_full) - width + 1 newest inputs."""
+    K = weight.shape[-1]
+    L = x_full.shape[1] - K + 1
+    w = weight[:, 0].T
+    y = sum(x_full[:, k:k + L] * w[k] for k in range(K))
+    return nn.silu(y if bias is None else y + bias)
+
+
+@mx.compile
+def _ssm_decode(h, x, dt, Bm, C, A_log, D, z):
+    """One token of a Mamba layer from its projections: the scan step (fp32), its output (the GMU
+    memory) and the gated output."""
+    f32 = mx.float32
+    y, h = ssm_step(h, x.astype(f32), nn.softplus(dt.astype(f32)), -mx.exp(A_log.astype(f32)), Bm.astype(f32),
+                    C.astype(f32), D.astype(f32))
+    y = y.astype(x.dtype)
+    return y, y * nn.silu(z), h
+
+
 class Conv(nn.Module):
-    """Depthwise causal convolution; weight [channels, 1, width] as in the checkpoint."""
+    """Depthwise causal convolution's weights ([channels, 1, width] as in the checkpoint): `_conv_silu`."""
 
     def __init__(self, channels: int, width: int, bias: bool):
         super().__init__()
@@ -241,11 +275,6 @@ class Conv(nn.Module):
         if bias:
             self.bias = mx.zeros((channels,))
 
-    def __call__(self, x_full, L):
-        K = self.weight.shape[-1]
-        w = self.weight[:, 0].T
-        y = sum(x_full[:, k:k + L] * w[k] for k in range(K))
-        return y + self.bias if "bias" in self else y
 
 
 class Mamba(nn.Module):
@@ -277,18 +306,23 @@ class Mamba(nn.Module):
             cache[0] = mx.take_along_axis(x_full, (ends[:, None] + mx.arange(keep))[..., None], axis=1)
         else:
             cache[0] = x_full[:, -keep:]
-        xs = nn.silu(self.conv1d(x_full, L))
+        xs = _conv_silu(x_full, self.conv1d.weight, self.conv1d.get("bias"))
         dt, Bm, C = mx.split(self.x_proj(xs), (self.dt_rank, self.dt_rank + self.d_state), axis=-1)
-        dt = nn.softplus(self.dt_proj(dt).astype(f32))
-        xs = xs.astype(f32)
-        if mask is not None:
-            dt, xs = mx.where(mask[..., None], dt, 0), mx.where(mask[..., None], xs, 0)
+        dt = self.dt_proj(dt)
         h = cache[1] if cache[1] is not None else mx.zeros((B, self.d_inner, self.d_state), f32)
-        A = -mx.exp(self.A_log.astype(f32))
-        y, cache[1] = ssm_scan(xs, dt, A, Bm.astype(f32), C.astype(f32), self.D.astype(f32), h)
+        if L == 1 and mask is None:
+            memory, gated, cache[1] = _ssm_decode(h, xs[:, 0], dt[:, 0], Bm[:, 0], C[:, 0], self.A_log, self.D, z[:, 0])
+            memory, gated = memory[:, None], gated[:, None]
+        else:
+            dt, xs = nn.softplus(dt.astype(f32)), xs.astype(f32)
+            if mask is not None:
+                dt, xs = mx.where(mask[..., None], dt, 0), mx.where(mask[..., None], xs, 0)
+            A = -mx.exp(self.A_log.astype(f32))
+            y, cache[1] = ssm_scan(xs, dt, A, Bm.astype(f32), C.astype(f32), self.D.astype(f32), h)
+            memory = y.astype(x.dtype)
+            gated = memory * nn.silu(z)
         cache.advance(L)
-        memory = y.astype(x.dtype)
-        return self.out_proj(memory * nn.silu(z)), memory
+        return self.out_proj(gated), memory
 
 
 class GMU(nn.Module):
