@@ -22,8 +22,9 @@ FOLDER = Path(_SETTING).expanduser() if _SETTING.strip() else None  # "": no fol
 MIN_TOKENS = 2048  # shorter prefixes prefill in about the time a file takes to read
 SUFFIX = ".clsa-document.safetensors"
 MARKER = "CLSA_MLX_DOCUMENT_CACHE"  # in a folder we made: "its *.clsa-document.safetensors are ours"
-# our entries (and the name they had before the suffix), and a write cut short
-_OURS = re.compile(r"[0-9A-Za-z_-]+-[0-9a-f]{32}(\.clsa-document)?\.safetensors"
+# our entries (also as they were named before the suffix, evicted first as never read), and writes cut short
+_ENTRY = re.compile(r"[0-9A-Za-z_-]+-[0-9a-f]{32}(\.clsa-document)?\.safetensors")
+_OURS = re.compile(rf"{_ENTRY.pattern}|[0-9A-Za-z_-]+-[0-9a-f]{{32}}\.partial-[0-9]+\.safetensors"
                    r"|\.[0-9a-f]{32}\.partial-[0-9]+\.safetensors")
 
 
@@ -129,8 +130,8 @@ class PrefixCache:
             self.memory.pop(next(iter(self.memory)))
 
     def _evict(self):
-        files = sorted((p for p in self.folder.glob(f"*{SUFFIX}") if _OURS.fullmatch(p.name) and not p.is_symlink()),
-                       key=lambda p: p.stat().st_mtime)
+        files = [p for p in self.folder.glob("*.safetensors") if _ENTRY.fullmatch(p.name) and not p.is_symlink()]
+        files.sort(key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in files)
         while files and total > self.max_bytes:
             oldest = files.pop(0)

@@ -629,7 +629,11 @@ def test_the_document_cache_deletes_and_reads_only_its_own_files(tiny, tmp_path)
     (others / "model-00001-of-00002.safetensors").write_bytes(b"a user's shard")
     with pytest.raises(FolderError, match="holds other files"):
         PrefixCache("tiny", others)
-    (others / "notes.txt").write_text("x")
+    earlier = tmp_path / "earlier"  # the folder as an earlier version left it is still ours
+    earlier.mkdir()
+    (earlier / f"tiny-{'a' * 32}.safetensors").write_bytes(b"x")
+    (earlier / f"tiny-{'b' * 32}.partial-7.safetensors").write_bytes(b"x")
+    assert PrefixCache("tiny", earlier).folder == earlier
     (tmp_path / "file").write_text("x")
     with pytest.raises(FolderError, match="is not a folder"):
         PrefixCache("tiny", tmp_path / "file")
