@@ -110,7 +110,7 @@ def reply(conv: Conversation, question: str, out=sys.stdout, **gen):
 
     with StopFlag() as stop:
         for piece in conv.ask(question, progress=prefill_progress, stop=stop, **gen):
-            print(thoughts(piece), end="", file=out, flush=True)
+            print(thoughts(printable(piece, keep="\n\t")), end="", file=out, flush=True)
     print(thoughts.end(), file=out)
     say_dropped(conv, out)
     return stop.stopped
@@ -307,7 +307,7 @@ def main(model, system, files, prompt, temp, top_p, top_k, min_p, seed, max_toke
             print(f"[note] {note}", file=sys.stderr)
         for f in files:
             conv.add_document(f, progress=Progress())
-    except (ChatError, FileNotFoundError, ValueError) as e:
+    except (ChatError, OSError, ValueError) as e:
         sys.exit(f"error: {one_line(e, 600)}")
     gen = dict(max_tokens=max_tokens, sampler=make_sampler(temp, top_p, min_p, top_k=top_k))
     if prompt is not None and piped and prompt.lstrip().startswith("/"):

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import shutil
+import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -68,9 +69,14 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def printable(text) -> str:
-    """`text` safe for a terminal: control characters (escape sequences, bidi overrides) escaped."""
-    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii")
+BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text, keep: str = "") -> str:
+    """`text` safe for a terminal: control characters (escape sequences), line separators and bidi
+    overrides escaped, but those in `keep`."""
+    return "".join(c.encode("unicode_escape").decode("ascii")
+                   if (unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in BIDI) and c not in keep else c
                    for c in str(text))
 
 

@@ -1020,3 +1020,14 @@ def test_fuzzed_config_sizes_load_or_give_one_line_before_building(tmp_path_fact
     except ValueError as e:
         assert "\n" not in str(e) and str(folder) in str(e)
     assert time.perf_counter() - t < 5
+
+
+def test_a_reply_is_printed_with_its_control_characters_escaped(conversation):
+    import io
+
+    from clsa_mlx.chat import reply
+
+    conversation.ask = lambda *a, **k: iter(["\x1b]0;owned\x07", "line\n\ttab \u202eevil"])
+    out = io.StringIO()
+    reply(conversation, "hi", out=out)
+    assert out.getvalue() == "\\x1b]0;owned\\x07line\n\ttab \\u202eevil\n"
