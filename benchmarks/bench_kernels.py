@@ -82,11 +82,12 @@ def main():
         fns = routing_fns(q, kidx, keys, values, k, be)
         if be:
             chunk, C = kernels._chunking(T)
-            prm = mx.array([T, 1, T - 1, k, chunk, C, 0, 0], dtype=mx.int32)
+            S = max(1, chunk // kernels._SCORE_KEYS)
+            prm = mx.array([T, 1, T - 1, k, chunk, C, S, 0], dtype=mx.int32)
             fns["route_score_pass"] = lambda: kernels._kernel(be, "route_score")(
                 inputs=[q.reshape(1, D), kidx, prm, mx.zeros((1,), mx.int32)],
                 template=[("QT", dt), ("KT", dt), ("D", D), ("TG", kernels._TG_SCORE)],
-                grid=(C * kernels._TG_SCORE, 1, 1), threadgroup=(kernels._TG_SCORE, 1, 1),
+                grid=(C * S * kernels._TG_SCORE, 1, 1), threadgroup=(kernels._TG_SCORE, 1, 1),
                 output_shapes=[(1, (C + 1) * 256 + T)], output_dtypes=[mx.uint32], init_value=0,
             )
         if be and T <= 131072:  # batched decode routing (mlx-lm's BatchGenerator), one row each

@@ -96,13 +96,15 @@ def _kernel(backend_name: str, name: str):
 
 
 _GROUPS = 2048  # groups per routing pass to aim for: enough for every GPU core, no more
+_MIN_CHUNK = 4 * _TG  # keys of a radix group at least: its histograms (1 KB a level) stay small next to them
+_SCORE_KEYS = 512  # keys of a scoring group: scoring reads D values a key, so it splits chunks finer
 
 
 def _chunking(T: int, rows: int = 1):
     """(chunk, C): chunks per row from the row count too, so many-row calls keep few
     chunk histograms (C KB a level and row)."""
     want = max(1, min(_MAX_CHUNKS, -(-_GROUPS // rows)))
-    chunk = max(_TG, -(-T // (want * _TG)) * _TG)
+    chunk = max(_MIN_CHUNK, -(-T // (want * _MIN_CHUNK)) * _MIN_CHUNK)
     return chunk, -(-T // chunk)
 
 
@@ -190,7 +192,8 @@ def _route_rows(q_idx, k_idx, k: int, offset: int, be: str, start):
     T = k_idx.shape[1]
     R = B * L
     chunk, C = _chunking(T, R)
-    prm = mx.array([T, L, offset, k, chunk, C, 0, 0], dtype=mx.int32)
+    S = max(1, chunk // _SCORE_KEYS)
+    prm = mx.array([T, L, offset, k, chunk, C, S, 0], dtype=mx.int32)
     grid = (R * C * _TG, 1, 1)
     tg = (_TG, 1, 1)
     fused = L <= _FUSED_MAX_L
@@ -199,7 +202,7 @@ def _route_rows(q_idx, k_idx, k: int, offset: int, be: str, start):
         (sw,) = _kernel(be, "route_score")(
             inputs=[q, k_idx, prm, start],
             template=[("QT", q.dtype), ("KT", k_idx.dtype), ("D", D), ("TG", _TG_SCORE)],
-            grid=(R * C * _TG_SCORE, 1, 1),
+            grid=(R * C * S * _TG_SCORE, 1, 1),
             threadgroup=(_TG_SCORE, 1, 1),
             output_shapes=[(R, (C + 1) * 256 + T)],
             output_dtypes=[mx.uint32],

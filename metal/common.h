@@ -47,14 +47,29 @@ FN uint level_row(int C) { return hist_row(C) + 4u + (uint)C; }
 FN uint as_key(uint key) { return key; }
 FN uint as_key(float score) { return score_key(score); }
 
-// Writes one chunk's threadgroup histogram h (256 bins) to hist and adds it into the
-// row's total (device atomics, zero bins skipped), so the next pass reads 256 totals
-// instead of summing every chunk's histogram.
-template <int TG, typename H, typename O>
+// Threadgroup histograms are HC copies of 256 bins: warp w counts into copy w % HC, so the
+// few bins that take most keys (a score key's top byte is its sign and exponent) spread their
+// atomics over HC addresses.
+constexpr int HC = 4;
+template <typename H>
+FN uint bin_count(H h, uint j) {
+  uint v = 0u;
+  for (int i = 0; i < HC; ++i) v += ATOMIC_LOAD(&h[(uint)i * 256u + j]);
+  return v;
+}
+
+// Writes one chunk's threadgroup histogram h to hist and adds it into the row's total
+// (device atomics, zero bins skipped), so the next pass reads 256 totals instead of summing
+// every chunk's histogram. ADD: several groups share the chunk, so they add into its
+// (zeroed) histogram too.
+template <int TG, bool ADD, typename H, typename O>
 FN void flush_hist(H h, O hist, O tot, uint tid) {
   for (uint j = tid; j < 256u; j += (uint)TG) {
-    const uint v = ATOMIC_LOAD(&h[j]);
-    hist[j] = v;
-    if (v) DEVICE_ATOMIC_ADD(&tot[j], v);
+    const uint v = bin_count(h, j);
+    if (!ADD) hist[j] = v;
+    if (v) {
+      if (ADD) DEVICE_ATOMIC_ADD(&hist[j], v);
+      DEVICE_ATOMIC_ADD(&tot[j], v);
+    }
   }
 }

@@ -108,7 +108,7 @@ MUTATIONS = {
     "thread array as threadgroup scratch": ("route_hist.inc", "SHARED uint ws[NW + 1];", "uint ws[NW + 1];", "as"),
     "device array as threadgroup scratch": (
         "route_write.inc", "lane, warp, ws);", "lane, warp, (device uint*)idx);", "as"),
-    "atomic on thread memory": ("route_hist0.inc", "SHARED SHARED_ATOMIC_UINT h[256];", "SHARED_ATOMIC_UINT h[256];", "as"),
+    "atomic on thread memory": ("route_hist0.inc", "SHARED SHARED_ATOMIC_UINT h[", "SHARED_ATOMIC_UINT h[", "as"),
     "store through constant": ("gather_kv.inc", "const int K = prm[0]", "((constant int*)prm)[0] = 0;\n  const int K = prm[0]", "as"),
     "threadgroup pointer to a device parameter": (
         "common.h", "template <int NWARPS>", "FN void put(device uint* p) { p[0] = 0u; }\ntemplate <int NWARPS>", "as",

@@ -46,8 +46,9 @@ def test_route_exact(dtype, B, L, T, k):
 
 
 @pytest.mark.parametrize("T", [256 * 256, 256 * 256 + 1])
-def test_route_exact_at_the_chunk_limit(T):
+def test_route_exact_at_the_chunk_limit(T, monkeypatch):
     # 256 chunks of 256 keys in one select group; one more key: 129 chunks of 512.
+    monkeypatch.setattr(kernels, "_MIN_CHUNK", 256)  # the limit at 64K keys, not 256K
     assert kernels._chunking(T) == ((256, 256) if T == 256 * 256 else (512, 129))
     q, kk = ints((1, 1, 32), mx.float16, 3), ints((1, T, 32), mx.float16, 4)
     assert_route_equal(q, kk, 2048, T - 1)
@@ -59,6 +60,7 @@ def test_route_in_pieces_with_few_chunks_exact(B, L, T, rows, monkeypatch):
     # two chunks a row: what a many-row call at a long context runs, at CPU sizes.
     monkeypatch.setattr(kernels, "_MAX_SCORE_BYTES", 4 * T * rows)
     monkeypatch.setattr(kernels, "_GROUPS", 5)  # 1 to 3 chunks a row
+    monkeypatch.setattr(kernels, "_SCORE_KEYS", 300)  # scoring groups a chunk that do not divide it
     assert len(kernels.route_pieces(B, L, T)) > 1
     start = mx.array([0, 7, T - L - 3, T, T // 2, 1, 2, 3, 4][:B])
     q, kk = ints((B, L, 32), mx.bfloat16, 11, -40, 41), ints((B, T, 32), mx.bfloat16, 12, -40, 41)
