@@ -1031,3 +1031,19 @@ def test_a_reply_is_printed_with_its_control_characters_escaped(conversation):
     out = io.StringIO()
     reply(conversation, "hi", out=out)
     assert out.getvalue() == "\\x1b]0;owned\\x07line\n\ttab \\u202eevil\n"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["a", "b", "+", " ", "\u0120"]), st.integers(0, 10**6), min_size=1, max_size=3))
+def test_fuzzed_tokenizer_ids_load_only_within_the_embedding(tmp_path_factory, ids):
+    folder = make_tiny_folder(tmp_path_factory.mktemp("t") / "m")
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["model"]["vocab"].update({k: v for k, v in ids.items() if k in tok["model"]["vocab"]})
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    top = max(tok["model"]["vocab"].values())
+    try:
+        model, tokenizer = clsa_mlx.load(folder)
+    except ValueError as e:
+        assert top >= 259 and "\n" not in str(e) and f"ids up to {top}" in str(e)
+        return
+    assert top < 259 and max(tokenizer.encode("ab+ c\u0120", add_special_tokens=False)) < 259
