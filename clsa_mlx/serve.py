@@ -503,7 +503,7 @@ def main(argv=None):
     try:
         httpd, generator = start(_cli_args(args))
     except (OSError, ValueError, RuntimeError) as e:
-        sys.exit(f"clsa-serve: {args.model}: {one_line(e)}")
+        sys.exit(f"clsa-serve: {one_line(e)}")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.warning(f"listening on {args.host}: anyone who can reach it can use the model")
     host, port = httpd.server_address[:2]
