@@ -71,7 +71,8 @@ def tokenizer():
 
 def write_hf_folder(folder, cfg, state_dict, shards=2, list_window=False):
     """A folder laid out as the model is published: config.json (auto_map to the remote code),
-    `model-0000N-of-0000M.safetensors` in bf16 with their index, tokenizer.json and its config."""
+    `model-0000N-of-0000M.safetensors` in bf16 with their index, tokenizer.json and its config,
+    generation_config.json (the end-of-turn ids)."""
     import json
     from pathlib import Path
 
@@ -98,5 +99,8 @@ def write_hf_folder(folder, cfg, state_dict, shards=2, list_window=False):
         total += sum(t.numel() * 2 for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    tokenizer().save_pretrained(str(folder))
+    tok = tokenizer()
+    tok.save_pretrained(str(folder))
+    ends = [tok.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>")]  # a chat turn ends at <|end|>
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": ends}))
     return folder

@@ -214,6 +214,7 @@ def test_load_the_published_folder_layout(tmp_path, list_window):
         assert mx.array_equal(got[k], mx.array(v.to(torch.bfloat16).float().numpy()).astype(mx.bfloat16)), k
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert tok.decode(prompt) == "<|user|>hi<|end|><|assistant|>"
+    assert tok.eos_token_ids == {tok.convert_tokens_to_ids("<|end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
     text = clsa_mlx.generate(model, tok, prompt, max_tokens=4)
     assert isinstance(text, str)
 
@@ -229,25 +230,26 @@ def test_convert_and_quantize(tmp_path, bits):
     src = write_hf_folder(tmp_path / "hf", cfg, {**ref.state_dict(), "lm_head.weight": ref.model.embed_tokens.weight})
     dst = convert(str(src), str(tmp_path / "mlx"), quantize=bits is not None, q_bits=bits, progress=False)
     model, tok = clsa_mlx.load(str(dst))
-    params = dict(tree_flatten(model.parameters()))
-    assert "lm_head.weight" not in params
-    for k, v in params.items():
+    assert tok.convert_tokens_to_ids("<|end|>") in tok.eos_token_ids
+    saved = {}
+    for f in dst.glob("model*.safetensors"):
+        saved.update(mx.load(str(f)))
+    assert "lm_head.weight" not in saved
+    for k, v in saved.items():
         if pf.full_precision(k):
             assert v.dtype == mx.float32, k
-    quantized = {k.rsplit(".", 1)[0] for k in params if k.endswith(".scales")}
-    if bits is None:
-        assert not quantized
-    else:
-        assert "model.layers.0.mlp.fc1" in quantized and "model.embed_tokens" in quantized
-        assert not any(k.endswith(("x_proj", "dt_proj")) for k in quantized)
-        assert model.layers[0].mlp.fc1.bits == bits
+    quantized = {k.rsplit(".", 1)[0] for k in saved if k.endswith(".scales")}
     ids = mx.array([tokens(12, 3)])
     base = clsa_mlx.load(str(src))[0]  # the published bf16 weights as they are
     if bits is None:
+        assert not quantized
         assert mx.array_equal(model(ids), base(ids))
     else:  # every quantized weight within one quantization step of the original
-        fc1, w = model.layers[0].mlp.fc1, base.layers[0].mlp.fc1.weight.astype(mx.float32)
-        got = mx.dequantize(fc1.weight, fc1.scales, fc1.biases, fc1.group_size, bits)
+        assert "model.layers.0.mlp.fc1" in quantized and "model.embed_tokens" in quantized
+        assert not any(k.endswith(("x_proj", "dt_proj")) for k in quantized)
+        p = "model.layers.0.mlp.fc1."
+        got = mx.dequantize(saved[p + "weight"], saved[p + "scales"], saved[p + "biases"], 64, bits)
+        w = base.layers[0].mlp.fc1.weight.astype(mx.float32)
         g = w.reshape(-1, 64)
         step = (g.max(1) - g.min(1)) / (2**bits - 1) + mx.abs(g).max(1) / 128  # plus bf16 rounding
         assert float((mx.abs(got - w).reshape(-1, 64).max(1) / step).max()) <= 1
@@ -266,13 +268,17 @@ def test_converted_folder_runs_in_mlx_lm(tmp_path):
 
     cfg = hf_config()
     src = write_hf_folder(tmp_path / "hf", cfg, randomize(Phi4Flash(cfg), 8).state_dict())
-    dst = convert(str(src), str(tmp_path / "mlx"), quantize=True, q_bits=8, progress=False)
+    dst = convert(str(src), str(tmp_path / "mlx"), progress=False)
     model, tok = clsa_mlx.load(str(dst))
     theirs, their_tok = mlx_lm_load(str(dst), trust_remote_code=True)
     assert isinstance(theirs, pf.Model)
     prompt = tok.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True)
     want = clsa_mlx.generate(model, tok, prompt, max_tokens=6)
     assert mlx_lm_generate(theirs, their_tok, prompt, max_tokens=6) == want
+    dst = convert(str(src), str(tmp_path / "mlx8"), quantize=True, q_bits=8, progress=False)
+    theirs, their_tok = mlx_lm_load(str(dst), trust_remote_code=True)
+    assert theirs.layers[0].mlp.fc1.bits == 8
+    assert isinstance(mlx_lm_generate(theirs, their_tok, prompt, max_tokens=6), str)
 
 
 def test_left_padded_batch_prompt(pair):
