@@ -190,11 +190,15 @@ def main():
                         ]
                         if T <= 2049:
                             cases.append(dict(B=2, L=T, offset=0, D=32))  # prefill rows
-                    # a left-padded batch: rows with no, few (< k) and half of the positions valid
+                    # a left-padded batch: rows with no, few (< k) and half of the positions valid;
+                    # 9 rows pass `start` in device memory, 4 in constant memory (two libraries)
                     pad = [0, max(0, T - 5), T, T // 2]
                     cases.append(dict(B=4, L=1, offset=T - 1, D=64, start=pad))
                     if not big:
                         cases.append(dict(B=4, L=5, offset=max(0, T - 5), D=32, start=pad))
+                        cases.append(dict(B=9, L=2, offset=max(0, T - 2), D=32, start=pad + [1, 2, 3, 4, 5]))
+                    if T == 131072 and k == 2048 and data == "int":  # many rows: the call runs in pieces
+                        cases.append(dict(B=1, L=2048, offset=T - 2048, D=128))
                     for c in cases:
                         p = dict(T=T, k=k, dtype=dtype, data=data, **c)
                         ok, exact = safe(check_route, be, c["B"], c["L"], T, c["D"], k, c["offset"], dtype, data, seed,

@@ -8,6 +8,10 @@
 #   bash benchmarks/gpu_kernels.sh bench   bench_kernels.py on this tree, on before_tree/ (an untracked
 #                                          copy of the previous kernels, made for the run), then this
 #                                          tree again: the spread between the two "after" runs is the noise
+#   bash benchmarks/gpu_kernels.sh scratch one routing call of 2048 query rows at 128K keys: the extra
+#                                          device memory it held (MLX's peak) and its time, checked against
+#                                          the reference, on this tree and on before_tree/ if there; and the
+#                                          plan the dispatch counts for it (routing_bytes.py)
 # -> $OUT/*.log, $OUT/*.json, $OUT/*.png
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -19,6 +23,14 @@ if [ "$1" = check ]; then
     tests/test_sparse_ref.py tests/test_batch.py -k "not dispatch_on_cpu" 2>&1 | tail -30 | tee "$OUT/tests_gpu_kernels.log"
   timeout 200 python3 benchmarks/check_kernels_gpu.py --quick \
     --out "$OUT/check_kernels_gpu_quick.json" 2>&1 | tail -40 | tee "$OUT/check_quick.log"
+elif [ "$1" = scratch ]; then
+  python3 benchmarks/routing_bytes.py --rows 2048 --keys 131072 2>&1 | tee "$OUT/scratch.log"
+  timeout 200 python3 benchmarks/routing_bytes.py --rows 2048 --keys 131072 --measure \
+    --out "$OUT/scratch_after.json" 2>&1 | tail -5 | tee -a "$OUT/scratch.log"
+  if [ -d before_tree ]; then
+    timeout 200 python3 benchmarks/routing_bytes.py --rows 2048 --keys 131072 --measure --tree before_tree \
+      --out "$OUT/scratch_before.json" 2>&1 | tail -5 | tee -a "$OUT/scratch.log"
+  fi
 elif [ "$1" = sweep ]; then
   timeout "${SWEEP_S:-570}" python3 benchmarks/check_kernels_gpu.py --only "${ONLY:-route,select_kv,sparse_attention}" --out "$OUT/check_kernels_gpu.json" 2>&1 | tail -40 | tee "$OUT/check_sweep.log"
 else

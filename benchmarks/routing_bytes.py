@@ -6,6 +6,11 @@ minimum the algorithm needs.
         the plan of one call of R query rows (per batch row) over T keys: its pieces, launches,
         zero fills and the line `scratch N MB` (the most extra device memory it holds at once:
         one piece's matmul scores and zero-filled work buffers; pieces run one after another)
+    python benchmarks/routing_bytes.py --rows R --keys T --measure [--tree DIR] [--out FILE]
+        on a GPU: runs that call (bf16 small-integer index keys, so ties abound) with the kernels
+        of this checkout or of DIR (another checkout, e.g. the previous commit's), checks it
+        against the reference and prints the device memory it held beyond its inputs and
+        output (MLX's peak memory) and its time
     python benchmarks/routing_bytes.py [--out-dir benchmarks/results] [--emulate-to 65536]
         one decode token's routing traffic at 8K-1M keys, counted; up to --emulate-to also run on
         the emulator (tests/simt.py), which counts every element each launch reads or writes,
@@ -18,10 +23,13 @@ requested; a GPU's caches serve part of the repeated reads.
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+if "--tree" in sys.argv:  # another checkout's kernels (before/after on one machine)
+    ROOT = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve()
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parents[1] / "tests")]
 
 import mlx.core as mx  # noqa: E402
 
@@ -87,6 +95,33 @@ def plan_lines(B: int, L: int, T: int, k: int) -> list:
     ]
 
 
+def measure(B: int, L: int, T: int, k: int, D: int = 128, iters: int = 5) -> dict:
+    from clsa_mlx import sparse
+
+    be = kernels.backend()
+    if be is None:
+        return dict(error="no GPU kernel backend here")
+    q = mx.random.randint(-3, 4, (B, L, D), key=mx.random.key(0)).astype(mx.bfloat16)
+    kk = mx.random.randint(-3, 4, (B, T, D), key=mx.random.key(1)).astype(mx.bfloat16)
+    mx.eval(q, kk)
+    mx.eval(kernels.route(q[:, :1], kk[:, :300], min(k, 300), 299, be))  # builds outside the count
+    mx.synchronize()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    idx = kernels.route(q, kk, k, T - L, be)
+    mx.eval(idx)
+    mx.synchronize()
+    scratch = mx.get_peak_memory() - base - idx.nbytes
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        mx.eval(kernels.route(q, kk, k, T - L, be))
+    ms = (time.perf_counter() - t0) / iters * 1e3
+    exact = bool(mx.array_equal(idx, sparse.route_ref(q, kk, k, T - L)))
+    return dict(B=B, L=L, T=T, k=k, D=D, backend=be, kernels=kernels.__file__, scratch_MB=scratch / 1e6, ms=ms,
+                exact=exact, device=str(mx.default_device()), mlx=mx.__version__)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, help="query rows of one call (per batch row)")
@@ -95,10 +130,19 @@ def main():
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--emulate-to", type=int, default=65536, help="largest T run on the emulator")
+    ap.add_argument("--measure", action="store_true", help="run the call on the GPU")
+    ap.add_argument("--tree", help="checkout whose kernels --measure runs (default: this one)")
+    ap.add_argument("--out", help="--measure: JSON file to write")
     args = ap.parse_args()
     if args.rows or args.keys:
         if not (args.rows and args.keys) or min(args.rows, args.keys, args.batch, args.k) < 1:
             ap.error("--rows and --keys go together, each at least 1")
+        if args.measure:
+            res = measure(args.batch, args.rows, args.keys, args.k)
+            print(json.dumps(res))
+            if args.out:
+                Path(args.out).write_text(json.dumps(res, indent=1))
+            return
         print("\n".join(plan_lines(args.batch, args.rows, args.keys, args.k)))
         return
     rows = []

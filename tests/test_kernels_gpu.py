@@ -105,3 +105,17 @@ def test_sparse_attention_kernel_gradients_equal_the_references():
         want = mx.grad(loss(sparse.sparse_attention_ref), argnums=(0, 1, 2))(q, keys, values)
     for a, b in zip(got, want):
         assert float(mx.abs(a - b).max()) <= 2e-3 * max(1.0, float(mx.abs(b).max()))
+
+
+@pytest.mark.parametrize("rows", [None, 4])
+@pytest.mark.parametrize("L", [1, 6])
+def test_route_kernel_nine_rows_and_pieces_exact(L, rows, monkeypatch):
+    # 9 batch rows pass `start` in device memory (a library of its own); pieces of 4 rows, in
+    # constant memory again.
+    T, k = 3001, 64
+    if rows:
+        monkeypatch.setattr(kernels, "_MAX_SCORE_BYTES", 4 * T * rows)
+    start = mx.array([0, 3, T - L - 1, T, T // 2, T - 1, 1, 2, 5])
+    q, kk = ints((9, L, 32), mx.bfloat16, 9), ints((9, T, 32), mx.bfloat16, 10)
+    got = sparse.route(q, kk, k, T - L, start)
+    np.testing.assert_array_equal(np.array(got), np.array(sparse.route_ref(q, kk, k, T - L, start)))
