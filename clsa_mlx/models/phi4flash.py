@@ -22,6 +22,7 @@ from mlx_lm.models.base import BaseModelArgs, create_attention_mask, create_ssm_
 from mlx_lm.models.cache import ArraysCache, KVCache
 
 from ..cache import RotatingKVCache, refuse_max_kv_size
+from ..window import window_attention
 
 
 @dataclass
@@ -104,14 +105,18 @@ def pairs(x, n_heads):
     return x.reshape(B, L, n_heads // 2, -1).transpose(0, 2, 1, 3)
 
 
-def pair_attention(q, k, v, scale, mask):
+def pair_attention(q, k, v, scale, mask, window=None):
     """Both softmax maps of every head pair over the pair's values [v1 | v2], in one fused attention
     call that reads each K/V row once: the rows are the pairs [k1 | k2] and [v1 | v2], and the even
     query meets k1 as [q1 | 0], the odd one k2 as [0 | q2]. q, k, v: pairs (`pairs`); returns the
-    two maps' outputs a1, a2 [B, H/2, L, 2 hd]."""
+    two maps' outputs a1, a2 [B, H/2, L, 2 hd]. A sliding layer's prompt chunk goes in query blocks
+    of `window` rows (`clsa_mlx.window`)."""
     B, P, L, d = q.shape
     G = k.shape[1]
-    o = mx.fast.scaled_dot_product_attention(_pair_queries(q, G), k, v, scale=scale, mask=mask)
+    if window:
+        o = window_attention(_pair_queries(q, G), k, v, scale, window, mask)
+    else:
+        o = mx.fast.scaled_dot_product_attention(_pair_queries(q, G), k, v, scale=scale, mask=mask)
     o = o.reshape(B, G, 2, -1, L, d)
     return o[:, :, 0].reshape(B, P, L, d), o[:, :, 1].reshape(B, P, L, d)
 
@@ -146,8 +151,8 @@ class DiffAttention(nn.Module):
         self.subln = nn.RMSNorm(2 * head_dim, eps=1e-5)
         self.scale = head_dim**-0.5
 
-    def __call__(self, q, k, v, mask):
-        a1, a2 = pair_attention(q, k, v, self.scale, mask)
+    def __call__(self, q, k, v, mask, window=None):
+        a1, a2 = pair_attention(q, k, v, self.scale, mask, window)
         o = _differential(a1, a2, self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.subln.weight,
                           mx.array(self.lambda_init, mx.float32))
         B, _, L, _ = o.shape
@@ -167,6 +172,7 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(args.hidden_size, out, bias=True)
         self.out_proj = nn.Linear(self.n_heads * hd, args.hidden_size, bias=True)
         self.inner_cross_attn = DiffAttention(hd, depth)
+        self.window = args.sliding_window if depth < args.num_hidden_layers // 2 else None
 
     def __call__(self, x, mask, cache=None, shared=None):
         """Returns the output and the K/V this layer read (the shared cache for layer L/2 + 1)."""
@@ -178,7 +184,7 @@ class Attention(nn.Module):
             q_end, k_end = self.n_heads * self.head_dim, (self.n_heads + self.n_kv_heads) * self.head_dim
             q, k, v = mx.split(qkv, (q_end, k_end), axis=-1)
             k, v = cache.update_and_fetch(pairs(k, self.n_kv_heads), pairs(v, self.n_kv_heads))
-        o = self.inner_cross_attn(pairs(q, self.n_heads), k, v, mask)
+        o = self.inner_cross_attn(pairs(q, self.n_heads), k, v, mask, self.window)
         return self.out_proj(o), (k, v)
 
 
