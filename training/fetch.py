@@ -3,8 +3,8 @@ packages (`apt-get download` + `dpkg -x`: docs, man pages, headers, default conf
 sources), npm packages (`npm pack`) and PyPI sdists (`pip download --no-binary`). Resumable: a
 package unpacked before is skipped, one that fails is recorded and skipped, so a rerun continues.
 
-  python training/fetch.py [--cache .train/fetch] [--list training/fetch_packages.txt]
-  -> CACHE/{deb,npm,pypi}/NAME/ (unpacked), CACHE/failed.json
+  python training/fetch.py [--cache .train/fetch] [--list training/fetch_packages.txt] [--retry]
+  -> CACHE/{deb,npm,pypi}/NAME/ (unpacked), CACHE/failed.json (tried again only with --retry)
 """
 
 import json
@@ -68,11 +68,12 @@ def fetch_one(kind, name, cache):
     return None
 
 
-def main(cache, listing, workers=4):
+def main(cache, listing, workers=4, retry=False):
     cache = pathlib.Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     wanted = read_list(listing)
-    failed = {}
+    record = cache / "failed.json"
+    failed = {} if retry or not record.exists() else json.loads(record.read_text())
 
     def one(item):
         try:
@@ -81,8 +82,8 @@ def main(cache, listing, workers=4):
             failed[f"{item[0]} {item[1]}"] = str(e)[:200] or type(e).__name__
 
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(one, wanted))
-    (cache / "failed.json").write_text(json.dumps(failed, indent=1, sort_keys=True))
+        list(pool.map(one, [w for w in wanted if f"{w[0]} {w[1]}" not in failed]))
+    record.write_text(json.dumps(failed, indent=1, sort_keys=True))
     done = sum((cache / k / n / ".done").exists() for k, n in wanted)
     print(f"{done} of {len(wanted)} packages in {cache}; {len(failed)} failed (failed.json)")
 
@@ -94,5 +95,6 @@ if __name__ == "__main__":
     p.add_argument("--cache", default=".train/fetch")
     p.add_argument("--list", default=str(HERE / "fetch_packages.txt"))
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--retry", action="store_true", help="try the packages that failed before again")
     a = p.parse_args()
-    main(a.cache, a.list, a.workers)
+    main(a.cache, a.list, a.workers, a.retry)

@@ -8,7 +8,7 @@ SUFFIXES = {
     ".cpp": "c", ".go": "go", ".rs": "rust", ".js": "js", ".mjs": "js", ".cjs": "js", ".ts": "js", ".mts": "js",
     ".cts": "js", ".sh": "shell", ".bash": "shell", ".zsh": "shell", ".mk": "make", ".md": "markdown",
     ".markdown": "markdown", ".rst": "rst", ".toml": "toml", ".yaml": "yaml", ".yml": "yaml", ".json": "json",
-    ".ini": "ini", ".cfg": "ini", ".conf": "ini", ".cnf": "ini", ".defs": "ini",
+    ".ini": "ini", ".cfg": "ini", ".conf": "ini", ".cnf": "ini", ".defs": "ini", ".properties": "ini",
 }
 FORMATS = ("python", "c", "go", "rust", "js", "shell", "make", "markdown", "rst", "toml", "yaml", "json", "ini",
            "keyvalue", "man", "debian-copyright", "debian-changelog", "text")
@@ -44,7 +44,7 @@ def format_of(name: str, origin: str, text: str) -> str:
     if name in ("Makefile", "GNUmakefile", "makefile") or name.startswith("Makefile."):
         return "make"
     suffix = pathlib.PurePosixPath(name).suffix.lower()
-    if suffix in (".conf", ".cfg", ".cnf", ".defs", ".ini") or (not suffix and "etc" in path.parts):
+    if suffix in (".conf", ".cfg", ".cnf", ".defs", ".ini", ".properties") or (not suffix and "etc" in path.parts):
         return config_format(text)
     if suffix in SUFFIXES:
         return SUFFIXES[suffix]

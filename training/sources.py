@@ -15,6 +15,7 @@ part of a held-out package is ever trained on.
 """
 
 import email.parser
+import fnmatch
 import gzip
 import importlib.metadata
 import json
@@ -28,10 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from training.formats import format_of
 
 PERMISSIVE = re.compile(r"^(mit|expat|bsd|isc|apache|psf|python|zlib|x11|public.?domain|mpl|unlicense|0bsd|"
-                        r"boost|curl|hpnd|cc0|permissive|historical)", re.I)
+                        r"boost|curl|hpnd|cc0|permissive|historical|openssh|[\w-]*bsd-style)", re.I)
 TEXT_SUFFIXES = {".py", ".pyi", ".md", ".rst", ".txt", ".h", ".c", ".cfg", ".toml", ".ini", ".json", ".yaml"}
 FETCHED_SUFFIXES = TEXT_SUFFIXES | {".hpp", ".hh", ".go", ".rs", ".js", ".mjs", ".cjs", ".ts", ".sh", ".bash", ".mk",
-                                    ".markdown", ".yml", ".conf", ".cnf", ".defs", ".example", ""}
+                                    ".markdown", ".yml", ".conf", ".cnf", ".defs", ".example", ".properties", ""}
 MAX_CHANGELOG = 40_000  # the newest entries: a whole Debian changelog runs to megabytes
 MIN_CHARS, MAX_CHARS = 400, 400_000
 SKIP_PARTS = {"test", "tests", "testing", "idlelib", "site-packages", "dist-packages", "__pycache__", "_vendor"}
@@ -184,19 +185,54 @@ def checked(text):
     return text if max(map(len, text.splitlines())) <= 400 else None
 
 
+def dep5_paragraphs(text):
+    """-> [(Files patterns, licence)] of a DEP-5 copyright file, or [] if it is not one."""
+    if not text.startswith("Format:"):
+        return []
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        files = re.search(r"^Files:\s*((?:.+)(?:\n[ \t]+.+)*)", para, re.M)
+        licence = re.search(r"^License:\s*(\S[^\n]*)", para, re.M)
+        if files and licence:
+            out.append((files.group(1).split(), licence.group(1).strip()))
+    return out
+
+
+def relevant(pattern, rel: pathlib.PurePosixPath):
+    """Whether a Files pattern may cover the installed file `rel` (its source path is unknown):
+    by its name, unless the pattern names another language's manual pages."""
+    folder, _, base = pattern.rpartition("/")
+    name = rel.name.removesuffix(".gz")
+    if base != "*" and not fnmatch.fnmatch(name, base):
+        return False
+    if "man" in folder and re.search(r"(^|/)[a-z]{2}(_[A-Z]{2})?(/|$)", folder):
+        return False
+    return True
+
+
+def file_licence(paragraphs, rel):
+    """The licences of every paragraph that may cover `rel`, if all are permissive; else None."""
+    names = {licence for patterns, licence in paragraphs if any(relevant(p, rel) for p in patterns)}
+    if names and all(PERMISSIVE.match(n) for n in names):
+        return " / ".join(sorted(names))
+    return None
+
+
 def deb_package(root: pathlib.Path, package):
-    """An unpacked Debian package whose copyright file names only permissive licences."""
+    """An unpacked Debian package's files, each under the licences of its copyright file's
+    paragraphs that may cover it, all permissive."""
     copyright = root / "usr/share/doc" / package / "copyright"
-    licence = dep5_licence(copyright.read_text(errors="replace")) if copyright.is_file() else None
-    if not licence:
-        return
+    paragraphs = dep5_paragraphs(copyright.read_text(errors="replace")) if copyright.is_file() else []
     group, rendered = "debian:" + package, []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
         rel = path.relative_to(root)
         name = path.name.removesuffix(".gz")
+        licence = file_licence(paragraphs, pathlib.PurePosixPath(rel))
+        if not licence:
+            continue
         if rel.parts[:3] == ("usr", "share", "man"):
             if re.fullmatch(r"man[1-8]", rel.parts[3]):
-                rendered.append(path)
+                rendered.append((path, licence))
             continue
         if pathlib.PurePosixPath(name).suffix not in FETCHED_SUFFIXES and name != "copyright" \
                 and not name.startswith(("changelog", "README", "NEWS", "Makefile")):
@@ -205,7 +241,7 @@ def deb_package(root: pathlib.Path, package):
         if text:
             yield doc(name, text, licence, f"debian-pkg:{package}/{rel}", group)
     with ThreadPoolExecutor(2) as pool:
-        for path, text in zip(rendered, pool.map(render_man, rendered)):
+        for (path, licence), text in zip(rendered, pool.map(render_man, [p for p, _ in rendered])):
             if text and text.isascii():
                 yield doc(path.name.removesuffix(".gz"), text, licence, f"debian-man:{package}/{path.name}", group)
 
