@@ -176,6 +176,25 @@ def _trusted(name: str, be: str, **inst) -> bool:
     return _verdicts[key] is None
 
 
+def prepare(index_dtype, index_dim: int, kv_dtype, head_dim: int, groups: int, batch: int = 1) -> dict:
+    """Builds (through their self-tests) the kernel libraries a model of these dims uses, so
+    the seconds of MLX's first compile of each fall before the first token, not in the first
+    reply: routing with scores in the kernel and from a matmul, with `start` in constant memory
+    (and in device memory from 8 batch rows on), the decode gather and sparse attention.
+    Returns `fallbacks()`."""
+    be = kernels.backend()
+    if be is None:
+        return {}
+    inst = dict(qt=index_dtype, kt=index_dtype, D=index_dim)
+    for small in (True, False) if batch >= 8 else (True,):
+        for fused in (True, False):
+            _trusted("route", be, **inst, fused=fused, start_constant=small)
+        _trusted("select_kv", be, **inst, dt=kv_dtype, HD=head_dim, fused=True, start_constant=small)
+    if kernels.attention_warps(groups, head_dim):
+        _trusted("sparse_attention", be, dt=kv_dtype, HD=head_dim, G=groups)
+    return fallbacks()
+
+
 def _self_test(name: str, be: str, **inst):
     try:
         return _PROBES[name](be, **inst)

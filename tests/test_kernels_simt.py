@@ -232,6 +232,21 @@ def test_model_through_the_kernels_equals_the_references(emulated):
         assert float(mx.abs(a - b).max()) < 1e-4
 
 
+def test_prepare_builds_what_the_model_uses(monkeypatch, emulated):
+    # After prepare() with the model's dims, the model's prefill and decode run the kernels and
+    # start no self-test.
+    from test_kernel_fallback import run_model
+
+    monkeypatch.setattr(sparse, "_verdicts", {})
+    assert sparse.prepare(mx.float32, 32, mx.float32, 64, 2) == {}
+    prepared = set(sparse._verdicts)
+    for kern in emulated.values():
+        kern.launches = 0
+    run_model(dim=128, n_attn_heads=2, n_attn_kv_heads=1, index_head_dim=32, index_topk=16)
+    assert set(sparse._verdicts) == prepared and len(prepared) == 4
+    assert all(emulated[n].launches for n in ("route_hist0", "route_score", "gather_kv", "sparse_attention"))
+
+
 # The emulator must fail on the bugs it exists to find: each mutant of the kernel text below
 # compiles, and either answers wrong (fibers between barriers run in a random order) or
 # stops at a barrier or SIMD operation not every thread reaches, or at an index out of bounds.
