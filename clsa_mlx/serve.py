@@ -458,6 +458,9 @@ def _cli_args(args) -> argparse.Namespace:
 def start(args):
     """-> (the HTTP server, the response generator), the model loaded; raises on a bad model."""
     hooks.check()
+    if mx.distributed.init().size() > 1:
+        raise ValueError("clsa-serve runs one process; for a model sharded over several, run mlx_lm.server "
+                         "under mlx.launch (docs/serving.md)")
     hooks.use_batch_generator()
     provider = ModelProvider(args)
     disk = None

@@ -373,6 +373,33 @@ def test_hook_prefix_split_adds_one_segment_at_the_question():
     assert hooks.split_segments([[1, 2, 3]], ["user"], 3) == ([[1, 2, 3]], ["user"])  # at an end: none
 
 
+def test_hook_install_wraps_mlx_lm_servers_tokenize_once(monkeypatch):
+    """What our folders' model_file does under mlx_lm.server: the document prefix becomes its own
+    "system" segment, ending after `Question: `."""
+    from types import SimpleNamespace
+
+    from mlx_lm import server
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    from clsa_mlx import server_prefix
+
+    monkeypatch.setattr(server.ResponseGenerator, "_tokenize", server.ResponseGenerator._tokenize)
+    server_prefix.install()
+    wrapped = server.ResponseGenerator._tokenize
+    server_prefix.install()
+    assert server.ResponseGenerator._tokenize is wrapped and wrapped.splits_shared_prefix
+    gen = object.__new__(server.ResponseGenerator)
+    gen.model_provider = SimpleNamespace(processor=None, cli_args=SimpleNamespace(chat_template_args={}))
+    tokenizer = TokenizerWrapper(byte_tokenizer())
+    text = "DOC " * 20 + "\n\nQuestion: which?"
+    request = server.CompletionRequest("chat", "", [{"role": "user", "content": text}], None, None)
+    args = SimpleNamespace(chat_template_kwargs=None)
+    prompt, segments, types, _, _ = gen._tokenize(tokenizer, request, args)
+    plain = hooks.MLX_TOKENIZE(gen, tokenizer, request, args)
+    assert prompt == plain[0] and plain[2] == ["user"] and types == ["system", "user"]
+    assert tokenizer.decode(segments[0]).endswith("Question: ") and sum(segments, []) == prompt
+
+
 def test_hook_step_budget_ends_one_step_after_an_interrupt():
     budget = hooks.StepBudget(budget=60)
     steps = 0
