@@ -149,6 +149,7 @@ def convert(
     quantize_indexer: bool = False,
     progress: bool = True,
     allow_non_finite: bool = False,
+    quant_recipe: Optional[str] = None,
 ) -> Path:
     dst = Path(mlx_path).expanduser()
     _remove_stale_partials(dst)
@@ -156,8 +157,8 @@ def convert(
         raise ConvertError(f"{dst}: already exists; remove it or choose another --mlx-path")
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
-    if not quantize and (q_bits is not None or q_group_size is not None or q_mode != "affine"):
-        raise ConvertError("--q-bits / --q-group-size / --q-mode need -q/--quantize")
+    if not quantize and (q_bits is not None or q_group_size is not None or q_mode != "affine" or quant_recipe):
+        raise ConvertError("--q-bits / --q-group-size / --q-mode / --quant-predicate need -q/--quantize")
     if q_mode not in Q_MODES:
         raise ConvertError(f"--q-mode {q_mode}: not one of {', '.join(Q_MODES)}")
     if q_mode != "affine":
@@ -173,6 +174,8 @@ def convert(
     else:
         log(f"[INFO] {kind}: {args.self_decoder} self-decoder, {args.n_layers} layers, dim {args.dim}, "
             f"{'CLSA top-' + str(args.index_topk) if args.sparse else 'dense YOCO'}")
+    if quant_recipe and args.model_type != "phi4flash":
+        raise ConvertError(f"--quant-predicate {quant_recipe}: mixed recipes are for phi4flash checkpoints")
     config_dtype = extra.pop("_dtype", None)
     dtype = dtype or config_dtype or _source_dtype(weights)
     log(f"[INFO] Using dtype: {dtype}")
@@ -185,6 +188,10 @@ def convert(
 
         log("[INFO] Quantizing")
         predicate = model.quant_predicate if args.model_type == "phi4flash" else quant_predicate(quantize_indexer)
+        if quant_recipe:
+            from .models.phi4flash import mixed_quant_predicate
+
+            predicate = mixed_quant_predicate(quant_recipe, args.num_hidden_layers, q_group_size or 64)
         model, config = quantize_model(model, config, q_group_size, q_bits, mode=q_mode, quant_predicate=predicate)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +280,10 @@ def _write_card(folder: Path, hub_id: Optional[str]):
               help="Quantization group size [default: 64].")
 @click.option("--q-mode", type=click.Choice(["affine", "mxfp4", "nvfp4", "mxfp8"]), default="affine",
               show_default=True, help="Quantization mode (as mlx-lm's).")
+@click.option("--quant-predicate", "quant_recipe", default=None,
+              type=click.Choice(["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]),
+              help="Mixed bits, mlx-lm's recipes (phi4flash): the output head and some layers' attention and "
+                   "down projections at the high bits, the rest at the low.")
 @click.option("--quantize-indexer", is_flag=True,
               help="Also quantize the CLSA indexer projections (kept in --dtype by default).")
 @click.option("--tokenizer", default=None,
@@ -281,8 +292,8 @@ def _write_card(folder: Path, hub_id: Optional[str]):
 @click.option("--upload-repo", default=None, help="Hugging Face repo to upload the converted folder to.")
 @click.option("--allow-non-finite", is_flag=True, help="Convert weights that hold NaN or Inf (refused by default).")
 @click.option("-v", "--verbose", is_flag=True, help="Show the full traceback on errors.")
-def main(torch_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, quantize_indexer, tokenizer,
-         revision, upload_repo, allow_non_finite, verbose):
+def main(torch_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, quant_recipe, quantize_indexer,
+         tokenizer, revision, upload_repo, allow_non_finite, verbose):
     """Convert a PyTorch YOCO / CLSA checkpoint to an MLX folder for clsa_mlx and mlx-lm."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up as Ctrl-C does
 
@@ -292,7 +303,7 @@ def main(torch_path, mlx_path, dtype, quantize, q_bits, q_group_size, q_mode, qu
             q_bits=int(q_bits) if q_bits else None, q_group_size=int(q_group_size) if q_group_size else None,
             q_mode=q_mode,
             tokenizer=tokenizer, upload_repo=upload_repo, revision=revision,
-            quantize_indexer=quantize_indexer, allow_non_finite=allow_non_finite,
+            quantize_indexer=quantize_indexer, allow_non_finite=allow_non_finite, quant_recipe=quant_recipe,
         )
     except ConvertError as e:
         if verbose:

@@ -3,6 +3,8 @@ weights at small configurations with every layer kind: 8 and 12 layers, 2 K/V he
 window 8, prompts shorter and longer than it. Logits within 1e-4 for the whole prompt, chunked
 prefill and token by token; batched = one at a time; the scan's chunked form = its step form."""
 
+import json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -323,3 +325,23 @@ def test_other_head_groupings(kv_heads):
     cache = model.make_cache()
     out = [model(mx.array([ids[:9]]), cache=cache)[0]] + [model(mx.array([[t]]), cache=cache)[0] for t in ids[9:]]
     assert diff(mx.concatenate(out), ref_logits(ref, ids)) < TOL
+
+
+def test_convert_mixed_bits(tmp_path):
+    import clsa_mlx
+    from clsa_mlx.convert import ConvertError, convert
+    from tests.phi4flash_fixtures import write_hf_folder
+
+    cfg = hf_config(num_hidden_layers=16, intermediate_size=128)
+    src = write_hf_folder(tmp_path / "hf", cfg, randomize(Phi4Flash(cfg), 9).state_dict())
+    dst = convert(str(src), str(tmp_path / "mixed"), quantize=True, quant_recipe="mixed_4_6", progress=False)
+    q = json.loads((dst / "config.json").read_text())["quantization"]
+    assert q["bits"] == 4 and q["model.embed_tokens"]["bits"] == 6
+    assert q["model.layers.1.attn.Wqkv"]["bits"] == 6 and q["model.layers.3.attn.Wqkv"]["bits"] == 4
+    assert q["model.layers.0.mlp.fc2"]["bits"] == 6 and q["model.layers.0.mlp.fc1"]["bits"] == 4
+    assert q["model.layers.4.mlp.fc2"]["bits"] == 6 and q["model.layers.5.mlp.fc2"]["bits"] == 4
+    assert "model.layers.0.attn.x_proj" not in q and "model.layers.0.attn.dt_proj" not in q
+    model, tok = clsa_mlx.load(str(dst))
+    assert isinstance(clsa_mlx.generate(model, tok, "hello", max_tokens=3), str)
+    with pytest.raises(ConvertError, match="need -q"):
+        convert(str(src), str(tmp_path / "no"), quant_recipe="mixed_4_6", progress=False)

@@ -95,6 +95,27 @@ def full_precision(name: str) -> bool:
     return name.endswith((".A_log", ".D")) or ".lambda_" in name
 
 
+MIXED_BITS = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6)}
+
+
+def mixed_quant_predicate(recipe: str, n_layers: int, group_size: int = 64):
+    """mlx-lm's mixed recipes (after llama.cpp's Q4_K_M) on this model's names: the embedding, which
+    is also the output head, and in the first and last eighths of the layers and every third layer
+    between, the attention projections and the MLP's down projection, at the high bits."""
+    low, high = MIXED_BITS[recipe]
+
+    def predicate(path, module):
+        if path.endswith(("x_proj", "dt_proj")):
+            return False
+        parts = path.split(".")
+        i = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
+        more = i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2
+        high_here = "embed_tokens" in path or "lm_head" in path or more and path.endswith(("Wqkv", "fc2"))
+        return {"group_size": group_size, "bits": high if high_here else low, "mode": "affine"}
+
+    return predicate
+
+
 def lambda_init(depth: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * depth)
 
