@@ -16,7 +16,8 @@ from mlx_lm.models.cache import ArraysCache, KVCache
 from clsa_mlx.models import phi4flash as pf
 from torch_ref.phi4flash import Phi4Flash, randomize
 
-TOL = 1e-4
+# fp32 on the CPU; MLX CUDA's fp32 matmuls of different shapes differ by up to 6e-4 (as in test_batch.py)
+TOL = 1e-4 if mx.default_device() == mx.cpu else 2e-3
 
 
 def small_config(layers=8, **overrides):
