@@ -648,6 +648,7 @@ def test_the_document_cache_deletes_and_reads_only_its_own_files(tiny, tmp_path)
     assert (others / "model-00001-of-00002.safetensors").read_bytes() == b"a user's shard"
 
 
+@pytest.mark.e2e
 def test_an_empty_document_cache_setting_means_no_folder(tmp_path):
     code = "from clsa_mlx.prefix_cache import FOLDER; print(FOLDER)"
     for value in ("", "  "):
@@ -757,12 +758,17 @@ def test_chat_templates_that_fail_are_found_at_the_start(tmp_path):
     assert not conv.system_role and conv.notes
     list(conv.ask("hello", max_tokens=2))
     assert conv.messages and "Answer briefly." in conv.text_in_cache
-    r = _chat(folder, "--system", "Answer briefly.", "--prompt", "hi", "--max-tokens", "2")
-    assert r.returncode == 0 and "[note] the chat template takes no system message" in r.stderr
     _with_template(folder, NO_CONTENT)
     with pytest.raises(ChatError, match="drops the messages' text"):
         Conversation(*clsa_mlx.load(folder), "x")
-    r = _chat(folder, "--prompt", "hi")
+
+
+@pytest.mark.e2e
+def test_the_chat_command_says_what_it_found_in_the_template(tmp_path):
+    folder = _with_template(make_tiny_folder(tmp_path / "m"), NO_SYSTEM)
+    r = _chat(folder, "--system", "Answer briefly.", "--prompt", "hi", "--max-tokens", "2")
+    assert r.returncode == 0 and "[note] the chat template takes no system message" in r.stderr
+    r = _chat(_with_template(folder, NO_CONTENT), "--prompt", "hi")
     assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and "drops the messages' text" in r.stderr
 
 
@@ -870,6 +876,7 @@ def test_a_document_that_cannot_fit_is_refused_before_it_is_tokenized(tiny, tmp_
     assert not calls and conv.used == 0 and not conv.documents
 
 
+@pytest.mark.e2e
 def test_model_file_cli_never_writes_through_links(tmp_path):
     folder = make_tiny_folder(tmp_path / "m")
     outside = tmp_path / "outside.txt"
