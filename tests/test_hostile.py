@@ -1054,3 +1054,26 @@ def test_fuzzed_tokenizer_ids_load_only_within_the_embedding(tmp_path_factory, i
         assert top >= 259 and "\n" not in str(e) and f"ids up to {top}" in str(e)
         return
     assert top < 259 and max(tokenizer.encode("ab+ c\u0120", add_special_tokens=False)) < 259
+
+
+# Open: the fixes belong to clsa_mlx/generate.py and clsa_mlx/model.py (strict: a fix turns these into failures
+# until the mark goes).
+@pytest.mark.xfail(strict=True, reason="generate.py refuses numpy integers as token ids")
+def test_numpy_integer_prompts_in_range_are_token_ids(tiny):
+    model, tokenizer = tiny
+    assert clsa_mlx.generate(model, tokenizer, [np.int64(5), np.int32(7)], max_tokens=2) == \
+        clsa_mlx.generate(model, tokenizer, [5, 7], max_tokens=2)
+
+
+@pytest.mark.xfail(strict=True, reason="generate.py passes max_tokens=4.5 to MLX (std::bad_cast)")
+def test_a_fractional_max_tokens_is_named(tiny):
+    with pytest.raises(ValueError, match="max_tokens"):
+        clsa_mlx.generate(*tiny, "hi", max_tokens=4.5)
+
+
+@pytest.mark.xfail(strict=True, reason="model.py clamps an out-of-vocabulary id last in a list handed to mlx-lm")
+def test_an_id_outside_the_vocabulary_last_in_an_mlx_lm_prompt_is_refused(tiny):
+    import mlx_lm
+
+    with pytest.raises(ValueError, match="not a token id"):
+        mlx_lm.generate(*tiny, [5, 6, 259], max_tokens=2)
