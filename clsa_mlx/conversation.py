@@ -15,7 +15,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.models.cache import save_prompt_cache
 
-from .cache_check import check_cache, read_cache_file
+from .cache_check import CacheError, check_cache, read_cache_file
 from .generate import context_used, prefill, stream_generate
 from .loading import OneLineError, one_line, printable
 from .prefix_cache import PrefixCache
@@ -360,6 +360,10 @@ class Conversation:
         try:
             Path(tmp).unlink(missing_ok=True)  # never written through a link left under this name
             self._prefill_to_next_input()
+            try:  # never write what /load would refuse
+                check_cache(self.model, self.cache, len(self.ids))
+            except CacheError as e:
+                raise ChatError(f"{path}: not saved, the conversation's cache does not check ({e})") from None
             # "model" and "tokenizer_config": what mlx_lm generate reads from a prompt-cache file
             meta = dict(tokenizer_config="{}", clsa_mlx_session="1", model_id=self.model_id,
                         system=self.system or "", messages=json.dumps(self.messages),
