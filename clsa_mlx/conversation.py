@@ -23,6 +23,7 @@ from .prefix_cache import PrefixCache
 PREFILL_STEP = 2048
 CHUNK_SECONDS = 1.0  # a prompt chunk's time on a slow machine: how long Ctrl-C may wait
 SENTINEL = "\x00QUESTION\x00"
+HEAD_CHARS = 8  # characters per token of context: a longer document's head is tokenized first
 
 
 class ChatError(OneLineError):
@@ -229,10 +230,13 @@ class Conversation:
         path = document_path(path)
         least = regular_file(path).stat().st_size // self._piece_bytes()
         room = self.limit if self.drop_oldest else self.limit - self.used
-        if least > room:  # refused before reading and tokenizing a document that cannot fit
+        text = read_document(path) if least <= room else ""
+        head = HEAD_CHARS * room  # a long document's tokens counted in a head first: never more than it can hold
+        if len(text) > head:
+            least = max(least, len(self.tokenizer.encode(text[:head], add_special_tokens=False)) - 64)
+        if least > room:  # refused before reading (or tokenizing all of) a document that cannot fit
             raise ChatError(f"context overflow: {path.name} is at least {least} tokens ({path.stat().st_size} "
                             f"bytes), {room} fit; a larger --max-context or a shorter document")
-        text = read_document(path)
         self.documents.append(f"File {path.name}:\n{text}")
 
         mark = self._mark()

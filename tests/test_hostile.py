@@ -1077,3 +1077,26 @@ def test_an_id_outside_the_vocabulary_last_in_an_mlx_lm_prompt_is_refused(tiny):
 
     with pytest.raises(ValueError, match="not a token id"):
         mlx_lm.generate(*tiny, [5, 6, 259], max_tokens=2)
+
+
+def test_a_long_document_is_refused_after_tokenizing_a_head_only(tiny, tmp_path):
+    """Where the size bound cannot tell (a tokenizer with long pieces), a head of 8 characters per
+    token of room is tokenized, not the whole document."""
+    from clsa_mlx.conversation import ChatError, Conversation
+
+    conv = Conversation(*tiny, "x", max_context=4096)
+    conv._longest = 10**6  # a tokenizer whose longest piece says nothing
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 600_000)
+    calls = []
+    encode = conv.tokenizer.encode
+    conv.tokenizer.encode = lambda text, *a, **k: calls.append(len(text)) or encode(text, *a, **k)
+    try:
+        with pytest.raises(ChatError, match="big.txt is at least .* tokens .*4096 fit"):
+            conv.add_document(str(big))
+    finally:
+        conv.tokenizer.encode = encode
+    assert calls == [8 * 4096] and conv.used == 0 and not conv.documents
+    small = tmp_path / "small.txt"
+    small.write_text("word " * 600)
+    assert conv.add_document(str(small)) > 0  # one that fits is added as before
