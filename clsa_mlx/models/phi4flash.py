@@ -12,7 +12,7 @@ The K/V caches hold head pairs: row [k_2p | k_2p+1] of 2 * head_dim per pair (`p
 import math
 import sys
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from types import SimpleNamespace
 from typing import Any, List, Optional, Union
 
@@ -150,6 +150,11 @@ def _pair_queries(q, G):
     return mx.stack([q1.reshape(B, G, -1, L, d), q2.reshape(B, G, -1, L, d)], axis=2).reshape(B, 2 * P, L, d)
 
 
+@lru_cache(maxsize=None)
+def _constant(value: float):
+    return mx.array(value, mx.float32)
+
+
 @partial(mx.compile, shapeless=True)
 def _differential(a1, a2, lq1, lk1, lq2, lk2, w, init):
     """subln(a1 - lambda a2) * (1 - lambda_init), lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init."""
@@ -175,7 +180,7 @@ class DiffAttention(nn.Module):
     def __call__(self, q, k, v, mask, window=None):
         a1, a2 = pair_attention(q, k, v, self.scale, mask, window)
         o = _differential(a1, a2, self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.subln.weight,
-                          mx.array(self.lambda_init, mx.float32))
+                          _constant(self.lambda_init))
         B, _, L, _ = o.shape
         return o.transpose(0, 2, 1, 3).reshape(B, L, -1)  # pair p = [head 2p | head 2p + 1]
 
