@@ -270,9 +270,10 @@ def select_kv(q_idx, k_idx, keys, values, k: int, be: str, start=None):
 
 def attention_warps(G: int, HD: int) -> int:
     """Warps per group for the sparse attention kernel: as many as the threadgroup
-    memory budget allows (at most 8); 0 if even one warp does not fit."""
+    memory budget allows (the G queries and one head's merge buffer per warp; at most 8),
+    0 if even one warp does not fit."""
     nw = 8
-    while nw and nw * G * (HD + 2) * 4 > _SHARED_BYTES:
+    while nw and (G * HD + nw * (HD + 2)) * 4 > _SHARED_BYTES:
         nw //= 2
     return nw
 

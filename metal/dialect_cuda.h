@@ -21,6 +21,11 @@ FN float SIMD_SUM(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
 }
+FN float SIMD_MAX(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+#define SIMD_SHUFFLE(x, l) __shfl_sync(0xffffffffu, (x), (l))
 FN uint SIMD_PREFIX_EXCL(uint v) {
   uint x = v;
   for (int o = 1; o < 32; o <<= 1) {

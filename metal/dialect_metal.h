@@ -6,6 +6,8 @@
 #define BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define SIMD_SUM(x) simd_sum(x)
 #define SIMD_PREFIX_EXCL(x) simd_prefix_exclusive_sum(x)
+#define SIMD_MAX(x) simd_max(x)
+#define SIMD_SHUFFLE(x, l) simd_shuffle((x), (ushort)(l))
 #define AS_UINT(x) as_type<uint>(x)
 #define SHARED_ATOMIC_UINT atomic_uint
 #define ATOMIC_ADD(p, v) atomic_fetch_add_explicit((p), (v), memory_order_relaxed)

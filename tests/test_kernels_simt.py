@@ -155,13 +155,14 @@ def test_select_kv_exact(start):
 
 
 @pytest.mark.parametrize("dtype,tol", [(mx.float32, 2e-6), (mx.float16, 2e-3), (mx.bfloat16, 1.6e-2)])
-@pytest.mark.parametrize("G,HD", [(1, 64), (2, 64), (5, 128), (8, 256)])
-def test_sparse_attention_close(dtype, tol, G, HD):
-    B, H, L, T, k = 2, 2, 5, 300, 24
+@pytest.mark.parametrize("G,HD,k", [(1, 64, 24), (2, 64, 300), (5, 128, 24), (8, 256, 100)])
+def test_sparse_attention_close(dtype, tol, G, HD, k):
+    # k = 100 and 300: index tiles over several warps, padding inside a tile and whole padded tiles.
+    B, H, L, T = 2, 2, 5, 600
     q = mx.random.normal((B, H * G, L, HD), key=mx.random.key(3)).astype(dtype)
     keys = mx.random.normal((B, H, T + 4, HD), key=mx.random.key(4)).astype(dtype)[:, :, 4:]
     values = mx.random.normal((B, H, T, HD), key=mx.random.key(5)).astype(dtype)
-    start = mx.array([0, T - L - 3])  # batch row 1: under k positions, -1 slots; row 0 of it sees 1
+    start = mx.array([0, T - L - 3 - k // 2])  # batch row 1: under k positions, -1 slots
     idx = sparse.route_ref(ints((B, L, 8), mx.float32, 3), ints((B, T, 8), mx.float32, 4), k, T - L, start)
     got = kernels.sparse_attention(q, keys, values, idx, HD**-0.5, "simt").astype(mx.float32)
     f32 = [a.astype(mx.float32) for a in (q, keys, values)]

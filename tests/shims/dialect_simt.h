@@ -20,3 +20,5 @@ typedef unsigned int uint;
 #define UMIN(a, b) ((a) < (b) ? (a) : (b))
 #define SIMD_SUM(x) simt::simd_sum((x), __LINE__)
 #define SIMD_PREFIX_EXCL(x) simt::simd_prefix_excl((x), __LINE__)
+#define SIMD_MAX(x) simt::simd_max((x), __LINE__)
+#define SIMD_SHUFFLE(x, l) simt::simd_shuffle((x), (unsigned)(l), __LINE__)

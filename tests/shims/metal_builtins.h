@@ -10,6 +10,9 @@ uint simd_sum(uint);
 uint simd_prefix_exclusive_sum(uint);
 int simd_prefix_exclusive_sum(int);
 float simd_prefix_exclusive_sum(float);
+float simd_max(float);
+float simd_shuffle(float, ushort);
+int simd_shuffle(int, ushort);
 template <typename To, typename From>
 To as_type(From);
 float exp(float);

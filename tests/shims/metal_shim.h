@@ -13,6 +13,7 @@
 #define thread
 
 typedef unsigned int uint;
+typedef unsigned short ushort;
 struct uint3 {
   uint x, y, z;
 };

@@ -106,6 +106,29 @@ inline float simd_sum(float x, int site) {
   return v[t & 31u];
 }
 
+inline float simd_max(float x, int site) {
+  const unsigned t = tid(), w0 = t & ~31u;
+  L->fslot[t] = x;
+  wait(AT_SIMD, site);
+  float m = L->fslot[w0];
+  for (unsigned i = w0 + 1; i < w0 + 32; ++i) m = std::fmax(m, L->fslot[i]);
+  wait(AT_SIMD, site);
+  return m;
+}
+
+// Lane l's value; every lane meets, as on a GPU, whichever lane it reads.
+template <typename T>
+inline T simd_shuffle(T x, unsigned l, int site) {
+  static_assert(sizeof(T) == 4, "32-bit values");
+  const unsigned t = tid(), w0 = t & ~31u;
+  std::memcpy(&L->uslot[t], &x, 4);
+  wait(AT_SIMD, site);
+  T v;
+  std::memcpy(&v, &L->uslot[w0 + (l & 31u)], 4);
+  wait(AT_SIMD, site);
+  return v;
+}
+
 inline unsigned simd_prefix_excl(unsigned x, int site) {
   const unsigned t = tid(), w0 = t & ~31u;
   L->uslot[t] = x;
