@@ -35,10 +35,10 @@ def read_cache_file(path) -> tuple:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CacheError("its metadata holds more than names and texts")
     for name in classes:
-        if name not in CLASSES:
+        if not isinstance(name, str) or name not in CLASSES:
             raise CacheError(f"cache class {str(name)[:40]!r} is none of {sorted(CLASSES)}")
     for entry in scalars[1:]:
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in arrays):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and entry[0] in arrays):
             raise CacheError(f"scalar entry {str(entry)[:40]!r} names no array")
         pos, kind = entry
         a = arrays[pos]

@@ -48,8 +48,11 @@ def _state(conv):
 
 def _mutated(path, out, data):
     arrays, meta = mx.load(path, return_metadata=True)
-    what = data.draw(st.sampled_from(["meta", "array", "scalar", "drop", "extra"]))
-    if what == "meta":
+    what = data.draw(st.sampled_from(["meta", "nest", "array", "scalar", "drop", "extra"]))
+    if what == "nest":  # a name where mlx-lm keeps a value: the reader meets a list or a dict
+        key = data.draw(st.sampled_from(sorted(meta)))
+        meta[key + data.draw(st.sampled_from([".0", ".x", ".0.0"]))] = meta.pop(key)
+    elif what == "meta":
         # the cache's own entries (the session's texts have their fuzzer in test_hostile.py)
         key = data.draw(st.sampled_from(sorted(k for k in meta if not k.startswith("0.")
                                                or k[2:] in ("ids", "key", "model_id", "clsa_mlx_session"))))
