@@ -201,12 +201,14 @@ def main():
                 for label in LABELS:
                     for i in range(done[(length, fmt, label)], args.samples):
                         sampler.rng.seed(f"{length}:{fmt}:{label}:{i}")
-                        turns = task(models, tokenizer, sampler, length, label, Path(tmp) / f"{length}-{fmt}-{label}-{i}")
+                        folder = Path(tmp) / f"{length}-{fmt}-{label}-{i}"
+                        turns = task(models, tokenizer, sampler, length, label, folder)
                         if turns is None:
                             break
                         results["tasks"].append(dict(length=length, format=fmt, label=label, turns=turns,
                                                      held="format" if fmt in HELD_OUT_FORMATS else "source"))
-                rows = [t["turns"]["clsa"]["right"] for t in results["tasks"] if (t["length"], t["format"]) == (length, fmt)]
+                rows = [t["turns"]["clsa"]["right"] for t in results["tasks"]
+                        if (t["length"], t["format"]) == (length, fmt)]
                 print(f"{length} {fmt}: clsa {sum(rows)}/{len(rows)} ({time.time() - t0:.0f}s)", flush=True)
                 results["summary"] = aggregate(results["tasks"], models)
                 out.write_text(json.dumps(results, indent=1))

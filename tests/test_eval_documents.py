@@ -26,8 +26,9 @@ def test_documents_are_asked_through_the_chat_and_resume(tmp_path):
     with lzma.open(data / "docs.jsonl.xz", "wt") as f:
         for name, origin, text, fmt in DOCS:
             assert part_of("stdlib:ftplib", fmt) == "heldout"
-            f.write(json.dumps(dict(name=name, text=text, format=fmt, group="stdlib:ftplib", origin=origin, license="MIT",
-                                    facts=facts(name, text) + doc_facts(name, text, fmt))) + "\n")
+            found = facts(name, text) + doc_facts(name, text, fmt)
+            f.write(json.dumps(dict(name=name, text=text, format=fmt, group="stdlib:ftplib", origin=origin,
+                                    license="MIT", facts=found)) + "\n")
     cmd = [sys.executable, str(ROOT / "benchmarks/eval_documents.py"), "--model", str(clsa_mlx.shipped_model()),
            "--data", str(data), "--lengths", "600", "--samples", "1", "--models", "clsa", "--formats", "keyvalue",
            "--regression-samples", "0", "--ppl-windows", "0", "--out-dir", str(tmp_path), "--name", "d"]

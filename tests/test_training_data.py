@@ -188,8 +188,8 @@ class FakeClock:
 def train_args(data, out, stage, *flags):
     from training.train import parser
 
-    return parser().parse_args(["--data", str(data), "--out", str(out), "--stage", stage, "--seq", "256", "--batch", "1",
-                                "--workers", "0", "--device", "cpu", *flags])
+    return parser().parse_args(["--data", str(data), "--out", str(out), "--stage", stage, "--seq", "256",
+                                "--batch", "1", "--workers", "0", "--device", "cpu", *flags])
 
 
 def test_the_learning_rate_follows_the_time_budget(tmp_path):

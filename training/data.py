@@ -115,7 +115,8 @@ class Sampler:
         self.new_facts = [[f for f in d["facts"] if len(f) == 5] for d in docs]
         self.follows = {}
         wanted = {"exact": ("setting", "signature"), "paraphrase": ("setting",), "prose": ("stated", "prose"),
-                  "table": ("cell",), "quote": ("describe",), "unanswerable": ("setting", "stated", "describe", "signature")}
+                  "table": ("cell",), "quote": ("describe",),
+                  "unanswerable": ("setting", "stated", "describe", "signature")}
         # label -> format -> documents: each format asked as often as the others
         self.labels = {label: {} for label in tasks.LABELS}
         for i, (d, found) in enumerate(zip(docs, self.new_facts)):
@@ -123,7 +124,8 @@ class Sampler:
             for label, kinds in wanted.items():
                 if held & set(kinds):
                     self.labels[label].setdefault(d.get("format", "text"), []).append(i)
-            if len(held) > 1 or "prose" in held or "cell" in held or any(tasks.sibling(f[1]) for f in found if f[0] == "setting"):
+            twins = any(tasks.sibling(f[1]) for f in found if f[0] == "setting")
+            if len(held) > 1 or held & {"prose", "cell"} or twins:
                 self.labels["follow-up"].setdefault(d.get("format", "text"), []).append(i)
         self.subjects = dict(self.labels["unanswerable"])  # what unanswerable questions ask about
 
@@ -217,7 +219,9 @@ class Sampler:
         candidates = [k for k, f in enumerate(found) if f[0] in kinds]
         for k in rng.sample(candidates, k=min(len(candidates), 8)):
             form = label if label in ("exact", "paraphrase") else "paraphrase" if rng.random() < 0.2 else "exact"
-            asked = tasks.ask(rng, found[k], found, form) or (tasks.ask(rng, found[k], found) if label != "paraphrase" else None)
+            asked = tasks.ask(rng, found[k], found, form)
+            if asked is None and label != "paraphrase":
+                asked = tasks.ask(rng, found[k], found)
             if asked:
                 return [(k, asked[0])]
         return None

@@ -142,9 +142,14 @@ DECLARATIONS = {
 SIGNATURES = {
     "c": r"^\s*(?:extern\s+)?[A-Za-z_][\w \t*]*?[\s*]([A-Za-z_]\w*)\s*(\([^;{}()]*(?:\([^;{}()]*\)[^;{}()]*)*\))\s*;",
     "go": r"^func\s+(?:\([^)]*\)\s*)?([A-Za-z_]\w*)(?:\[[^\]]*\])?(\([^)\n]*\))",
-    "rust": r"^\s*(?:pub(?:\([^)]*\))?\s+)?(?:(?:const|async|unsafe|extern \"C\")\s+)*fn\s+(\w+)(?:<[^>\n]*>)?(\([^)\n]*\))",
-    "js": r"^(?:export\s+)?(?:default\s+)?(?:declare\s+)?(?:async\s+)?function\*?\s*([A-Za-z_$][\w$]*)\s*(?:<[^>\n]*>)?(\([^)\n]*\))",
+    "rust": r"^\s*(?:pub(?:\([^)]*\))?\s+)?(?:(?:const|async|unsafe|extern \"C\")\s+)*fn\s+(\w+)"
+            r"(?:<[^>\n]*>)?(\([^)\n]*\))",
+    "js": r"^(?:export\s+)?(?:default\s+)?(?:declare\s+)?(?:async\s+)?function\*?\s*([A-Za-z_$][\w$]*)\s*"
+          r"(?:<[^>\n]*>)?(\([^)\n]*\))",
 }
+
+
+KEYWORDS = {"if", "while", "for", "return", "sizeof", "switch"}
 
 
 def code_facts(text, fmt):
@@ -160,7 +165,7 @@ def code_facts(text, fmt):
     sigs = []
     if fmt in SIGNATURES:
         for m in re.finditer(SIGNATURES[fmt], text, re.M):
-            if m.group(2) not in ("()", "(void)") and len(m.group(2)) <= 160 and m.group(1) not in ("if", "while", "for", "return", "sizeof"):
+            if m.group(2) not in ("()", "(void)") and len(m.group(2)) <= 160 and m.group(1) not in KEYWORDS:
                 sigs.append((m.group(1), m.group(2), m.start(2), starts.get(text.rfind("\n", 0, m.start(1)) + 1)))
     return out, sigs
 
@@ -197,11 +202,13 @@ def settings_facts(text, fmt):
             if d:
                 described[((), m.group(1))] = d
     used = collections.Counter(d[0] for d in described.values())
-    out += [["describe", key, d[0], d[1], dict(path=list(path))] for (path, key), d in described.items() if used[d[0]] == 1]
+    out += [["describe", key, d[0], d[1], dict(path=list(path))] for (path, key), d in described.items()
+            if used[d[0]] == 1]
     return out
 
 
-DEFAULT = re.compile(r"(?:[Tt]he )?[Dd]efault(?: value| setting)? is:?[ \n]+(?:``|\"|')?([\w./:~@%+-]+?)(?:''|\"|')?[.,;]?(?=\s|$)"
+DEFAULT = re.compile(r"(?:[Tt]he )?[Dd]efault(?: value| setting)? is:?[ \n]+"
+                     r"(?:``|\"|')?([\w./:~@%+-]+?)(?:''|\"|')?[.,;]?(?=\s|$)"
                      r"|[Dd]efaults to:?[ \n]+(?:``|\"|')?([\w./:~@%+-]+?)(?:''|\"|')?[.,;]?(?=\s|$)")
 NOT_VALUES = {"to", "not", "the", "a", "an", "that", "set", "used", "this", "for", "as", "is", "in", "taken", "given"}
 
@@ -242,7 +249,8 @@ def term_blocks(text, fmt):
             out.append((line.strip() if body > at + len(line) else m.group(2), body, end))
     elif fmt == "markdown":
         for i, (line, at) in enumerate(lines):
-            m = re.match(r"^\s*[-*+] +(?:\*\*|`)([^*`\n]{1,60}?)(?:\*\*|`)(?:\*\*)?\s*(?:[:\-\u2013\u2014]\s*)?(?=\S)", line)
+            m = re.match(r"^\s*[-*+] +(?:\*\*|`)([^*`\n]{1,60}?)(?:\*\*|`)(?:\*\*)?\s*"
+                         r"(?:[:\-\u2013\u2014]\s*)?(?=\S)", line)
             if m and len(line) > m.end() + 10:
                 out.append((m.group(1).strip(), at + m.end(), at + len(line)))
             h = re.match(r"^#{2,5} +`?([\w.:-]+(?:\([^)\n]*\))?)`?\s*$", line)
@@ -250,7 +258,8 @@ def term_blocks(text, fmt):
                 out.append((h.group(1), lines[i + 2][1], lines[i + 2][1] + len(lines[i + 2][0])))
     elif fmt == "rst":
         for i, (line, at) in enumerate(lines[:-2]):
-            m = re.match(r"^\.\. (?:\w+:)?(?:option|function|method|class|data|attribute|envvar|confval):: +(\S.*)$", line)
+            m = re.match(r"^\.\. (?:\w+:)?(?:option|function|method|class|data|attribute|envvar|confval)"
+                         r":: +(\S.*)$", line)
             term = m.group(1).strip() if m else None
             if not m and re.match(r"^[A-Za-z`*-][^\n]{0,50}$", line) and not line.endswith("::") \
                     and re.match(r"^ {2,4}[A-Za-z]", lines[i + 1][0]):
@@ -311,15 +320,15 @@ def table_facts(text):
     return out
 
 
+SUBJECT = r"^(?P<s>(?:The |An? )?[A-Za-z][\w`'.-]*(?: [\w`'.-]+){0,3}) "
 PROSE = [  # (pattern over one sentence, question, follow-up question)
-    (r"^(?P<s>(?:The |An? )?[A-Za-z][\w`'.-]*(?: [\w`'.-]+){0,3}) (?P<v>is|are|was|were) (?P<a>(?:an?|the) [^.;:\n]{3,90})\.$",
-     "What {v} {s}?", None),
-    (r"^(?P<s>(?:The |An? )?[A-Za-z][\w`'.-]*(?: [\w`'.-]+){0,3}) (?:was |were |is |are )?(?P<v>written|developed|maintained|created|designed) by (?P<a>[A-Z][^.;:\n]{2,60})\.$",
-     "Who {v} {s}?", "And who {v} it?"),
-    (r"^(?P<s>(?:The |An? )?[A-Za-z][\w`'.-]*(?: [\w`'.-]+){0,3}) (?P<v>requires|supports|uses|returns|provides|accepts|contains) (?P<a>[^.;:\n]{3,90})\.$",
+    (SUBJECT + r"(?P<v>is|are|was|were) (?P<a>(?:an?|the) [^.;:\n]{3,90})\.$", "What {v} {s}?", None),
+    (SUBJECT + r"(?:was |were |is |are )?(?P<v>written|developed|maintained|created|designed) by "
+     r"(?P<a>[A-Z][^.;:\n]{2,60})\.$", "Who {v} {s}?", "And who {v} it?"),
+    (SUBJECT + r"(?P<v>requires|supports|uses|returns|provides|accepts|contains) (?P<a>[^.;:\n]{3,90})\.$",
      "What does {s} {base}?", "And what does it {base}?"),
-    (r"^(?P<s>(?:The |An? )?[A-Za-z][\w`'.-]*(?: [\w`'.-]+){0,3}) (?P<v>has|have|takes|holds|contains|uses|supports|allows) (?:up to |at most |at least )?(?P<a>\d[\d,]*) (?P<n>[a-z]+)\b[^\n]*\.$",
-     "How many {n} does {s} {base}?", None),
+    (SUBJECT + r"(?P<v>has|have|takes|holds|contains|uses|supports|allows) (?:up to |at most |at least )?"
+     r"(?P<a>\d[\d,]*) (?P<n>[a-z]+)\b[^\n]*\.$", "How many {n} does {s} {base}?", None),
 ]
 
 
@@ -363,7 +372,8 @@ def changelog_facts(text):
             version = m.group(1)
             s = f"version {version}"
             out.append(["prose", s, m.group(2), at + m.start(2), dict(
-                question=f"Which distribution was {s} uploaded to?", then="And which distribution was it uploaded to?")])
+                question=f"Which distribution was {s} uploaded to?",
+                then="And which distribution was it uploaded to?")])
             out.append(["prose", s, m.group(3), at + m.start(3), dict(
                 question=f"What is the urgency of {s}?", then="And its urgency?")])
             continue

@@ -36,7 +36,8 @@ def read_list(path):
 def run(cmd, cwd):
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
     if r.returncode:
-        raise RuntimeError((r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else "failed")
+        said = (r.stderr or r.stdout).strip()
+        raise RuntimeError(said.splitlines()[-1] if said else "failed")
 
 
 def safe_extract(archive, dest):
@@ -57,7 +58,8 @@ def fetch_one(kind, name, cache):
             run(["npm", "pack", "--silent", name], tmp)
             safe_extract(next(tmp.glob("*.tgz")), tmp / "x")
         else:
-            run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d", ".", name], tmp)
+            run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d", ".",
+                 name], tmp)
             archive = next(p for p in tmp.iterdir() if p.name.endswith((".tar.gz", ".tgz", ".tar.bz2")))
             safe_extract(archive, tmp / "x")
         if dest.exists():
