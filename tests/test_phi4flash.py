@@ -346,3 +346,58 @@ def test_convert_mixed_bits(tmp_path):
     assert isinstance(clsa_mlx.generate(model, tok, "hello", max_tokens=3), str)
     with pytest.raises(ConvertError, match="need -q"):
         convert(str(src), str(tmp_path / "no"), quant_recipe="mixed_4_6", progress=False)
+
+
+@pytest.mark.e2e
+def test_clsa_serve_answers_from_a_converted_folder(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from clsa_mlx.convert import convert
+    from tests.phi4flash_fixtures import write_hf_folder
+
+    cfg = hf_config()
+    src = write_hf_folder(tmp_path / "hf", cfg, randomize(Phi4Flash(cfg), 10).state_dict())
+    dst = convert(str(src), str(tmp_path / "mlx"), quantize=True, q_bits=8, progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "clsa_mlx.serve", "--model", str(dst), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+                time.sleep(0.5)
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                                     {"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        assert reply["usage"]["completion_tokens"] == 5 and reply["usage"]["prompt_tokens"] == 5
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_prompt_cache_file_round_trip(pair, tmp_path):
+    # mlx-lm's prompt-cache files (mlx_lm.cache_prompt, --prompt-cache-file) hold every cache kind here.
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    _, model = pair
+    ids = tokens(19, 4)
+    cache = model.make_cache()
+    model(mx.array([ids[:15]]), cache=cache)
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    assert [type(c).__name__ for c in loaded] == [type(c).__name__ for c in cache]
+    want = one_at_a_time(model, ids, 4)
+    assert one_at_a_time(model, ids[15:], 4, cache=loaded) == want
