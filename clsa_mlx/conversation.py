@@ -244,7 +244,7 @@ class Conversation:
             prefix, ids = self._fit(lambda: self._rendered_before("\n\n".join(self.documents)), reserve=0)
             # kept only for a conversation's start: the case that repeats, and fewer writes to the disk
             keep = self.prefixes if not self.messages else None
-            hit = keep.get(prefix, self.ids + ids, self._check_cache) if keep else None
+            hit = keep.get(prefix, self.ids + ids, self.model) if keep else None
             if hit:  # prefilled before, by this or an earlier conversation
                 self.cache, self.ids = hit
             else:
@@ -405,7 +405,7 @@ class Conversation:
                 raise ChatError(f"{path}: saved with another model ({str(meta.get('model_id'))[:40]}), "
                                 f"this is {self.model_id}; session unchanged")
             session = _session_fields(meta, self.model.args.vocab_size)
-            self._check_cache(cache, len(session["ids"]))
+            check_cache(self.model, cache, len(session["ids"]))
         except ChatError:
             raise
         except Exception as e:
@@ -414,10 +414,6 @@ class Conversation:
         self.cache, self.last = cache, None
         self.messages, self.documents, self.ids = session["messages"], session["documents"], session["ids"]
         self.system, self.text_in_cache = session["system"] or None, session["text_in_cache"]
-
-    def _check_cache(self, cache, n_ids: int):
-        check_cache(self.model, cache, n_ids)
-
 
 def _is_session(path) -> bool:
     from safetensors import safe_open

@@ -15,7 +15,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, save_prompt_cache
 
-from .cache_check import read_cache_file
+from .cache_check import check_cache, read_cache_file
 
 _SETTING = os.environ.get("CLSA_MLX_DOCUMENT_CACHE", "~/.cache/clsa-mlx/documents")
 FOLDER = Path(_SETTING).expanduser() if _SETTING.strip() else None  # "": no folder (memory only)
@@ -78,11 +78,11 @@ class PrefixCache:
     def _path(self, key: str) -> Path:
         return self.folder / f"{self.model_id}-{key}{SUFFIX}"
 
-    def get(self, text: str, ids: list, check) -> Optional[tuple]:
+    def get(self, text: str, ids: list, model) -> Optional[tuple]:
         """-> (a fresh copy of the cache, its token ids), or None. An entry is used only if it
         holds `ids`, the tokens of `text` (so a file renamed or edited to claim another text is
-        not), and a file's caches pass `check(cache, n)`; a file that fails (or cannot be read)
-        is removed."""
+        not), and a file's caches pass `check_cache` against `model`; a file that fails (or cannot
+        be read) is removed."""
         key = self._key(text)
         if key in self.memory and self.memory[key][1] == ids:
             self.memory[key] = self.memory.pop(key)
@@ -95,7 +95,7 @@ class PrefixCache:
             cache, meta = read_cache_file(path)
             if meta.get("key") != key or json.loads(meta["ids"]) != ids:
                 raise ValueError("not this prefix")
-            check(cache, len(ids))
+            check_cache(model, cache, len(ids))
         except Exception:  # a stale, foreign or broken file: prefill again and rewrite it
             path.unlink(missing_ok=True)
             return None
