@@ -124,6 +124,7 @@ def main():
     ap.add_argument("--mlx-lm", action="store_true", help="also mlx_lm.server --trust-remote-code on the same folder")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # the servers are stopped on the way out
 
     from mlx_lm.utils import load_tokenizer
 

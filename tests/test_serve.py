@@ -2,7 +2,8 @@
 (byte tokenizer: one token per character; window 16, top-k 8; max_seq_len 4096): no code from
 folders, every request checked before the model, a client that leaves stops its request, a failed
 step answered with an error, the document prefix kept (in memory and on disk), and concurrent
-requests answered exactly as sequential ones. The bounded soak run is under the e2e marker."""
+requests answered exactly as sequential ones. Tests that start servers of their own (the document
+prefix across a restart, a failing model) and the bounded soak run are under the e2e marker."""
 
 import http.client
 import json
@@ -289,6 +290,7 @@ def test_prefill_progress_is_reported_to_a_client_that_asks(server):
     assert not [e for e in events if e.get("object") == "prompt.progress"]
 
 
+@pytest.mark.e2e  # three server starts
 def test_a_document_prefix_is_kept_in_memory_and_on_disk(folder, tmp_path):
     """The second question about a document starts from the cache kept at its end; after a restart
     the first one does too (read from the folder); each reply is what a server without any cache
@@ -343,6 +345,7 @@ main()
 """
 
 
+@pytest.mark.e2e  # a server of its own
 def test_a_failed_generation_step_is_answered_and_the_server_goes_on(folder, tmp_path):
     with serve(folder, tmp_path, "--prefill-step-size", "2048", code=FAULTY) as (port, proc, log):
         before = complete(port, PROMPTS[2])
