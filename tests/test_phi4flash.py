@@ -401,3 +401,21 @@ def test_prompt_cache_file_round_trip(pair, tmp_path):
     assert [type(c).__name__ for c in loaded] == [type(c).__name__ for c in cache]
     want = one_at_a_time(model, ids, 4)
     assert one_at_a_time(model, ids[15:], 4, cache=loaded) == want
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(num_hidden_layers=10), "multiple of 4"), (dict(num_key_value_heads=3), "K/V heads"),
+    (dict(sliding_window=[None, 8, None, 16, None, None, None, None]), "one window size"),
+    (dict(mamba_d_conv=1), "mamba_d_conv"), (dict(mb_per_layer=3), "mb_per_layer"),
+])
+def test_bad_config_is_one_line(tmp_path, bad, words):
+    import clsa_mlx
+    from tests.phi4flash_fixtures import write_hf_folder
+
+    cfg = hf_config()
+    folder = write_hf_folder(tmp_path / "hf", cfg, randomize(Phi4Flash(cfg), 1).state_dict())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **bad}))
+    with pytest.raises(ValueError, match=words) as e:
+        clsa_mlx.load(str(folder))
+    assert "config.json" in str(e.value) and "\n" not in str(e.value)

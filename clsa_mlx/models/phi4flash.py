@@ -68,6 +68,8 @@ class ModelArgs(BaseModelArgs):
                             "width, both head counts be even and K/V heads divide the heads")
         if not isinstance(self.sliding_window, int) or self.sliding_window < 1:
             problems.append(f"sliding_window {self.sliding_window!r} must be a positive integer")
+        if self.mamba_d_conv < 2 or self.mamba_d_state < 1 or self.mamba_dt_rank < 1 or self.mamba_expand < 1:
+            problems.append("mamba_d_conv must be >= 2 and mamba_d_state, mamba_dt_rank, mamba_expand >= 1")
         if self.hidden_act != "silu":
             problems.append(f"hidden_act {self.hidden_act!r} is not supported (silu)")
         if problems:
