@@ -32,6 +32,7 @@ from benchmarks.common import machine  # noqa: E402
 from clsa_mlx.models import phi4flash  # noqa: E402
 
 GB = 1e9
+MAC_16GB_WORKING_SET = 2 / 3 * 16 * 1024**3  # Metal's recommended working set on a 16 GB Mac (about 11.5 GB)
 # microsoft/Phi-4-mini-flash-reasoning config.json (architecture keys)
 PHI4FLASH = dict(model_type="phi4flash", vocab_size=200064, hidden_size=2560, intermediate_size=10240,
                  num_hidden_layers=32, num_attention_heads=40, num_key_value_heads=20, sliding_window=512,
@@ -171,7 +172,8 @@ def bytes_for_document(tokens: int = 65536, bits: int = 4):
     chunks = -(-step // max(1, round((step / 2) ** 0.5)))
     scratch = 2 * chunks * E * N * 4 + 4 * step * E * 4 + step * (2 * E + 2 * a.intermediate_size) * 2 * 2
     return dict(tokens=tokens, bits=bits, weights_gb=w / GB, cache_gb=c / GB, prefill_scratch_gb=scratch / GB,
-                total_gb=(w + c + scratch) / GB, mac_16gb_working_set_gb=16 * 0.75 * 1024**3 / GB)
+                total_gb=(w + c + scratch) / GB,
+                mac_16gb_gpu_gb=MAC_16GB_WORKING_SET / GB)
 
 
 def main():
