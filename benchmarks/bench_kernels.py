@@ -8,8 +8,10 @@ Decode routing (B=1, one query row, d_idx=128, k=2048, bf16):
   topk_ref          clsa_mlx.sparse.route_ref (mx.topk threshold + cumsum compaction)
 select_kv (routing + gather of K/V rows, Hkv=8, hd=128): kernel vs argpartition + take.
 Batched decode routing (B=32, T <= 128K): kernel vs argpartition.
-Sparse attention (B=1, Hq=20, Hkv=4, hd=128, 16 query rows, k=2048): kernel vs the
+Sparse attention (B=1, Hq=20, Hkv=4, hd=128, 16 and 32 query rows, k=2048): kernel vs the
 reference (masked dense SDPA over all T keys).
+--tree DIR times DIR's kernels (another checkout, e.g. the previous commit's) with this script,
+so before and after run the same measurements.
 Times are per call, averaged over `iters` calls evaluated together (one sync), so
 they measure GPU time rather than per-eval launch/sync overhead; `*_sync_ms` is one
 call with its own eval. Bandwidth: bytes the kernel must read / time, against the
@@ -23,6 +25,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--tree" in sys.argv:  # another checkout's kernels, timed by this script
+    sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--tree") + 1]).resolve()))
 
 import mlx.core as mx  # noqa: E402
 
@@ -60,10 +64,11 @@ def main():
     ap.add_argument("--T", default="8192,32768,131072,524288,1048576")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--tree", help="checkout whose kernels to time (default: this one)")
     args = ap.parse_args()
     be = kernels.backend()
     k, D, dt = args.k, 128, mx.bfloat16
-    out = dict(machine=machine(), k=k, d_idx=D, dtype="bfloat16", iters=args.iters)
+    out = dict(machine=machine(), k=k, d_idx=D, dtype="bfloat16", iters=args.iters, kernels=kernels.__file__)
     out["copy_GBps"], out["copy_variants_GBps"] = copy_bandwidth(args.iters)
     if be:  # warm up clocks and JIT caches before the first timed size
         w = mx.random.normal((1, 65536, D)).astype(dt)
@@ -80,7 +85,7 @@ def main():
         mx.eval(q, kidx, keys, values)
         r = dict(T=T)
         fns = routing_fns(q, kidx, keys, values, k, be)
-        if be:
+        if be and hasattr(kernels, "_SCORE_KEYS"):  # the scoring pass alone, in this tree's layout
             chunk, C = kernels._chunking(T)
             S = max(1, chunk // kernels._SCORE_KEYS)
             prm = mx.array([T, 1, T - 1, k, chunk, C, S, 0], dtype=mx.int32)
@@ -96,17 +101,18 @@ def main():
             mx.eval(qb, kb)
             fns[f"route_kernel_b{BATCH}"] = lambda: kernels.route(qb, kb, k, T - 1, be)
             fns[f"route_argpartition_b{BATCH}"] = lambda: argpartition_route(qb, kb, k)
-        if T >= k:
-            # Sparse attention for 16 query rows (verification / full-sequence eval).
-            Lq, Hkv, G = 16, 4, 5
+        for Lq in (16, 32) if T >= k else ():
+            # Sparse attention for Lq query rows (verification / full-sequence eval).
+            Hkv, G, tag = 4, 5, "" if Lq == 16 else f"_l{Lq}"
             qa = mx.random.normal((1, Hkv * G, Lq, 128)).astype(dt)
             ka, va = keys[:, :Hkv], values[:, :Hkv]
             idx = sparse.route_ref(mx.random.normal((1, Lq, 32)), mx.random.normal((1, T, 32)), k, T - Lq)
             mx.eval(qa, ka, va, idx)
-            fns["attention_ref"] = lambda: sparse.sparse_attention_ref(qa, ka, va, idx, 128**-0.5)
+            fns["attention_ref" + tag] = lambda qa=qa, idx=idx: sparse.sparse_attention_ref(qa, ka, va, idx, 128**-0.5)
             if be:
-                fns["attention_kernel"] = lambda: kernels.sparse_attention(qa, ka, va, idx, 128**-0.5, be)
-            r["attention_bytes"] = Lq * Hkv * k * 128 * 2 * 2
+                fns["attention_kernel" + tag] = lambda qa=qa, idx=idx: kernels.sparse_attention(
+                    qa, ka, va, idx, 128**-0.5, be)
+            r["attention_bytes" + tag] = Lq * Hkv * k * 128 * 2 * 2
         for name, fn in fns.items():
             try:
                 r[name + "_ms"], r[name + "_sync_ms"] = timed(fn, args.iters)

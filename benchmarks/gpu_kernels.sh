@@ -5,9 +5,10 @@
 #                                          mlx-lm's batch machinery through the kernels, the quick sweep
 #   bash benchmarks/gpu_kernels.sh sweep   the whole kernel-vs-reference sweep (T to 1M, left padding;
 #                                          ONLY=route,select_kv for the routing alone, SWEEP_S its limit)
-#   bash benchmarks/gpu_kernels.sh bench   bench_kernels.py on this tree, on before_tree/ (an untracked
-#                                          copy of the previous kernels, made for the run), then this
-#                                          tree again: the spread between the two "after" runs is the noise
+#   bash benchmarks/gpu_kernels.sh bench   bench_kernels.py on this tree's kernels, on before_tree/'s (an
+#                                          untracked copy of the previous commit, made for the run, e.g.
+#                                          git archive REV clsa_mlx metal benchmarks | tar -x -C before_tree),
+#                                          then this tree's again: the spread of the two "after" runs is the noise
 #   bash benchmarks/gpu_kernels.sh scratch one routing call of 2048 query rows at 128K keys: the extra
 #                                          device memory it held (MLX's peak) and its time, checked against
 #                                          the reference, on this tree and on before_tree/ if there; and the
@@ -36,7 +37,7 @@ elif [ "$1" = sweep ]; then
 else
   mkdir -p "$OUT/before" "$OUT/after" "$OUT/after2"
   timeout 150 python3 benchmarks/bench_kernels.py --out-dir "$OUT/after" 2>&1 | tail -12 | tee "$OUT/bench_after.log"
-  (cd before_tree && PYTHONPATH=. timeout 150 python3 benchmarks/bench_kernels.py --out-dir "$OUT/before") 2>&1 \
+  timeout 150 python3 benchmarks/bench_kernels.py --tree before_tree --out-dir "$OUT/before" 2>&1 \
     | tail -12 | tee "$OUT/bench_before.log"
   timeout 150 python3 benchmarks/bench_kernels.py --out-dir "$OUT/after2" 2>&1 | tail -12 | tee "$OUT/bench_after2.log"
   rm -f "$OUT/before/bench_kernels.png" "$OUT/after2/bench_kernels.png"  # 8 files come back at most
