@@ -8,8 +8,9 @@ Decode routing (B=1, one query row, d_idx=128, k=2048, bf16):
   topk_ref          clsa_mlx.sparse.route_ref (mx.topk threshold + cumsum compaction)
 select_kv (routing + gather of K/V rows, Hkv=8, hd=128): kernel vs argpartition + take.
 Batched decode routing (B=32, T <= 128K): kernel vs argpartition.
-Sparse attention (B=1, Hq=20, Hkv=4, hd=128, 16 and 32 query rows, k=2048): kernel vs the
-reference (masked dense SDPA over all T keys).
+Sparse attention (B=1, Hq=20, Hkv=4, hd=128, 16, 32 and to 128K keys 256 query rows, k=2048):
+kernel vs the reference (masked dense SDPA over all T keys), the data for a dispatch rule between
+the two in terms of selected fraction k / T and rows L.
 --tree DIR times DIR's kernels (another checkout, e.g. the previous commit's) with this script,
 so before and after run the same measurements.
 Times are per call, averaged over `iters` calls evaluated together (one sync), so
@@ -101,7 +102,8 @@ def main():
             mx.eval(qb, kb)
             fns[f"route_kernel_b{BATCH}"] = lambda: kernels.route(qb, kb, k, T - 1, be)
             fns[f"route_argpartition_b{BATCH}"] = lambda: argpartition_route(qb, kb, k)
-        for Lq in (16, 32) if T >= k else ():
+        # 256 rows: where the kernel reads more K/V rows (L * k) than a dense pass over the cache (T)
+        for Lq in ((16, 32, 256) if T <= 131072 else (16, 32)) if T >= k else ():
             # Sparse attention for Lq query rows (verification / full-sequence eval).
             Hkv, G, tag = 4, 5, "" if Lq == 16 else f"_l{Lq}"
             qa = mx.random.normal((1, Hkv * G, Lq, 128)).astype(dt)
