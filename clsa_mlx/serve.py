@@ -28,7 +28,6 @@ from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
 from . import mlx_lm_hooks as hooks
-from .cache_check import check_cache
 from .loading import load, one_line, resolve, shipped_model
 from .prefix_cache import FOLDER, MIN_TOKENS, PrefixCache
 
@@ -162,9 +161,9 @@ class PromptCache(LRUPromptCache):
     the prefix split makes at a question's start) is also written to `disk`, and read back when a
     request starts with it and memory holds no longer match (`hint`: the prefix, set per request)."""
 
-    def __init__(self, max_size: int, disk, check, max_bytes: int = 1 << 63):
+    def __init__(self, max_size: int, disk, model, max_bytes: int = 1 << 63):
         super().__init__(max_size, max_bytes)
-        self.disk, self.check, self.hint = disk, check, None
+        self.disk, self.model, self.hint = disk, model, None  # model(): the served model, for the file's check
 
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
         super().insert_cache(model, tokens, prompt_cache, cache_type=cache_type)
@@ -177,10 +176,11 @@ class PromptCache(LRUPromptCache):
         if (self.disk is None or not hint or len(tokens) - len(rest) >= len(hint) or len(hint) >= len(tokens)
                 or tokens[: len(hint)] != hint):
             return cache, rest
-        hit = self.disk.get(_ids_key(hint), list(hint), self.check)
+        hit = self.disk.get(_ids_key(hint), list(hint), self.model())
         if hit is None:
             return cache, rest
         kept, ids = hit
+        logging.info(f"document prefix of {len(ids)} tokens read from {self.disk.folder}")
         LRUPromptCache.insert_cache(self, model, ids, kept, cache_type="system")
         return copy.deepcopy(kept), tokens[len(ids):]
 
@@ -469,8 +469,7 @@ def start(args):
 
         disk = PrefixCache(model_identity(resolve(args.model)), Path(args.prefix_cache_dir).expanduser(),
                            args.prefix_cache_gb, in_memory=0)
-    cache = PromptCache(args.prompt_cache_size, disk, lambda c, n: check_cache(provider.model, c, n),
-                        args.prompt_cache_bytes or 1 << 63)
+    cache = PromptCache(args.prompt_cache_size, disk, lambda: provider.model, args.prompt_cache_bytes or 1 << 63)
     generator = ResponseGenerator(provider, cache)
     while provider.model is None and generator.generation_available():
         time.sleep(0.05)
