@@ -174,3 +174,16 @@ def test_attention_kernel_gradients_go_through_the_reference(monkeypatch):
     assert not sparse.fallbacks()
     for a, b in zip(got, want):
         assert float(mx.abs(b).max()) > 0 and mx.allclose(a, b, atol=1e-5)
+
+
+def test_inputs_small_enough_for_constant_memory_take_the_references(monkeypatch):
+    # MLX passes an input of under 8 elements in constant memory, a library of its own that no
+    # probe builds: such calls take the references and start no self-test.
+    fake_kernels(monkeypatch, lambda name: raising(AssertionError("no kernel for these inputs")))
+    kv = mx.random.normal((1, 1, 10, 16))
+    idx = mx.array([[[0, 3, 5, -1]]])
+    got = sparse.sparse_attention(mx.ones((1, 1, 1, 16)), kv, kv, idx, 0.25)
+    assert mx.array_equal(got, sparse.sparse_attention_ref(mx.ones((1, 1, 1, 16)), kv, kv, idx, 0.25))
+    sparse.route(mx.ones((1, 1, 4)), mx.ones((1, 10, 4)), 2, 9)  # index dim 4
+    sparse.select_kv(mx.ones((1, 1, 16)), mx.ones((1, 10, 16)), kv, kv, 4)  # 4 slots: idx [1, 4]
+    assert not sparse._verdicts
