@@ -34,3 +34,13 @@ def test_ci_runs_the_readme_set_up_and_both_lanes():
     assert len(commands) == 2 and commands[0].endswith("python chat.py"), commands
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci and ci[-1] == "pytest -q -m e2e" and ci.index(commands[1]) < len(ci) - 1
+
+
+def test_links_in_the_readme_and_docs_lead_to_files_of_the_checkout():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "results" / "README.md"]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
