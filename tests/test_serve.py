@@ -327,6 +327,33 @@ def test_concurrent_requests_get_their_sequential_answers(server):
     assert "generation thread died" not in log.read_text()
 
 
+def test_prompt_cache_writes_document_prefixes_and_reads_them_back(folder, tmp_path):
+    """In-process: a "system" entry of MIN_TOKENS or more goes to the folder; a new prompt cache
+    (a restarted server) finds it for a prompt that starts with it, and only then."""
+    import mlx.core as mx
+
+    from clsa_mlx import load
+    from clsa_mlx.generate import prefill
+    from clsa_mlx.prefix_cache import MIN_TOKENS, PrefixCache
+    from clsa_mlx.serve import PromptCache
+
+    model, _ = load(folder)
+    ids = [int(t) for t in mx.random.randint(0, 256, (MIN_TOKENS + 5,)).tolist()]
+    cache = model.make_cache()
+    prefill(model, ids, cache, 512)
+    key = ("folder", None, None)
+    PromptCache(4, PrefixCache("m", tmp_path, 1.0, in_memory=0), lambda: model).insert_cache(
+        key, ids, cache, cache_type="system")
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    restarted = PromptCache(4, PrefixCache("m", tmp_path, 1.0, in_memory=0), lambda: model)
+    assert restarted.fetch_nearest_cache(key, ids + [1, 2])[0] is None  # no hint: memory only
+    other = restarted.hint = ids[:-1] + [ids[-1] ^ 1]  # another prefix: not on disk
+    assert restarted.fetch_nearest_cache(key, other + [1]) == (None, other + [1])
+    restarted.hint = ids
+    got, rest = restarted.fetch_nearest_cache(key, ids + [1, 2])
+    assert rest == [1, 2] and got[len(model.self_decoder.layers)].offset == len(ids)
+
+
 # -- a failed step ---------------------------------------------------------------------------------
 
 # The model fails (as an allocation would) on any input holding a 333-token chunk.
