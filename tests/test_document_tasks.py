@@ -2,6 +2,7 @@
 answer is a verbatim span of the document, paraphrases differ from the identifier, follow-ups
 omit the name, unanswerable questions have no answer in any file given."""
 
+import json
 import random
 import re
 
@@ -324,3 +325,36 @@ def test_a_follow_up_reads_as_the_chat_asks_it(tmp_path):
     turn = turn[turn.index(user):]
     start = answers[0][0] + len(answers[0][1]) + 1
     assert turn == ids[start:answers[1][0]]
+
+
+def test_fetched_files_are_read_by_the_licences_that_may_cover_them(tmp_path):
+    """A Debian package's files under its DEP-5 paragraphs that may cover them (all permissive),
+    translated manual pages' paragraphs aside; npm and sdist packages by their metadata."""
+    from training.sources import fetched
+
+    deb = tmp_path / "deb" / "login"
+    (deb / "usr/share/doc/login").mkdir(parents=True)
+    (deb / "etc").mkdir()
+    (deb / "usr/share/doc/login/copyright").write_text(
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\n"
+        "Files: *\nCopyright: 1990 Someone\nLicense: BSD-3-clause\n\n"
+        "Files: man/hu/man5/*\nCopyright: 2000 Other\nLicense: GPL-2+\n\n"
+        "Files: contrib/adduser2.sh\nCopyright: 2001 Other\nLicense: GPL-2+\n")
+    (deb / "etc/login.defs").write_text(LOGIN_DEFS * 4)
+    (deb / "etc/adduser2.sh").write_text("#!/bin/sh\n" + "NAME=value\n" * 60)
+    npm = tmp_path / "npm"
+    for name, licence in (("okay", "MIT"), ("copyleft", "GPL-3.0"), ("either", "(MIT OR Apache-2.0)")):
+        (npm / name / "package").mkdir(parents=True)
+        words = [f"keyword-{i}" for i in range(40)]
+        (npm / name / "package/package.json").write_text(json.dumps(dict(name=name, license=licence, keywords=words),
+                                                                    indent=2))
+        (npm / name / "package/README.md").write_text(MARKDOWN * 3)
+    for folder in (deb, *npm.iterdir()):
+        (folder / ".done").write_text("")
+    (npm / "unfinished" / "package").mkdir(parents=True)  # no .done: an interrupted fetch
+    (npm / "unfinished" / "package/README.md").write_text(MARKDOWN * 3)
+    got = {(d["origin"], d["license"]) for d in fetched(tmp_path)}
+    assert ("debian-pkg:login/etc/login.defs", "BSD-3-clause") in got
+    assert not any("adduser2" in o or "copyleft" in o or "unfinished" in o for o, _ in got)
+    assert {o for o, _ in got if o.startswith("npm:")} == {
+        "npm:okay/package.json", "npm:okay/README.md", "npm:either/package.json", "npm:either/README.md"}
