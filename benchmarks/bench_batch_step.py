@@ -14,6 +14,8 @@ the costs. B sequences of `context` tokens (random keys and values, bf16 random 
   rows       + the per-row log-probability arrays the generator keeps and the host sync (tolist)
   generator  mlx-lm's BatchGenerator.next() (what mlx_lm.server runs)
   ours       clsa_mlx.mlx_lm_hooks.BatchGenerator.next() (what clsa-serve runs)
+  served     + what the server's loop does with each row's response: its token's log-probability
+             read to the host (one `.item()` a row) and the text detokenized
 
 Median and mean ms per step over --steps (the mean includes the batch caches' growth copies).
 Resumable: finished (arch, context, batch, variant) rows in the output JSON are kept and skipped.
@@ -32,12 +34,14 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm.generate import BatchGenerator, _merge_caches  # noqa: E402
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache  # noqa: E402
+from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer  # noqa: E402
 
 from benchmarks.bench_models import CONFIGS, build, filled_cache  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from clsa_mlx import mlx_lm_hooks  # noqa: E402
+from clsa_mlx.tiny import byte_tokenizer  # noqa: E402
 
-VARIANTS = ("plain", "batch", "logprobs", "rows", "generator", "ours")
+VARIANTS = ("plain", "batch", "logprobs", "rows", "generator", "ours", "served")
 
 
 def plain_cache(model, source, B):
@@ -75,12 +79,18 @@ def loop_ms(model, cache, B, steps, logprobs=False, rows=False):
     return np.diff(stamps)[1:]
 
 
-def generator_ms(cls, model, source, B, steps):
+def generator_ms(cls, model, source, B, steps, served=False):
     gen = cls(model, max_tokens=steps + 100, completion_batch_size=B, prefill_batch_size=B)
     uids = gen.insert([[1]] * B, caches=[source] * B)
+    detokenizers = {u: NaiveStreamingDetokenizer(byte_tokenizer()) for u in uids}
     stamps = []
     while len(stamps) < steps + 4:
-        gen.next()
+        _, responses = gen.next()
+        if served:  # as mlx_lm.server's generation loop handles each response
+            for r in responses:
+                r.logprobs[r.token].item()
+                detokenizers[r.uid].add_token(r.token % 256)
+                detokenizers[r.uid].last_segment
         stamps.append(time.perf_counter())
     gen.remove(uids)
     gen.close()
@@ -94,7 +104,7 @@ def run(variant, model, source, B, steps):
         cache = _merge_caches([source] * B)
         return loop_ms(model, cache, B, steps, logprobs=variant != "batch", rows=variant == "rows")
     cls = BatchGenerator if variant == "generator" else mlx_lm_hooks.BatchGenerator
-    return generator_ms(cls, model, source, B, steps)
+    return generator_ms(cls, model, source, B, steps, served=variant == "served")
 
 
 def main():
