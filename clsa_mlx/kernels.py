@@ -97,14 +97,17 @@ def _kernel(backend_name: str, name: str):
 
 _GROUPS = 2048  # groups per routing pass to aim for: enough for every GPU core, no more
 _MIN_CHUNK = 4 * _TG  # keys of a radix group at least: its histograms (1 KB a level) stay small next to them
+_MIN_CHUNK_ROWS = 16 * _TG  # the same when the rows come from a matmul: they give the parallelism, and the
+# radix passes, not the index keys, are most of the bytes
 _SCORE_KEYS = 512  # keys of a scoring group: scoring reads D values a key, so it splits chunks finer
 
 
-def _chunking(T: int, rows: int = 1):
+def _chunking(T: int, rows: int = 1, fused: bool = True):
     """(chunk, C): chunks per row from the row count too, so many-row calls keep few
     chunk histograms (C KB a level and row)."""
+    least = _MIN_CHUNK if fused else _MIN_CHUNK_ROWS
     want = max(1, min(_MAX_CHUNKS, -(-_GROUPS // rows)))
-    chunk = max(_MIN_CHUNK, -(-T // (want * _MIN_CHUNK)) * _MIN_CHUNK)
+    chunk = max(least, -(-T // (want * least)) * least)
     return chunk, -(-T // chunk)
 
 
@@ -135,8 +138,8 @@ def route_plan(B: int, L: int, T: int, k: int) -> dict:
     pieces = []
     for b0, b1, l0, l1 in route_pieces(B, L, T):
         R = (b1 - b0) * (l1 - l0)
-        chunk, C = _chunking(T, R)
         fused = l1 - l0 <= _FUSED_MAX_L
+        chunk, C = _chunking(T, R, fused)
         words = (T + (C + 1) * 256 if fused else (C + 1) * 256) + 3 * ((C + 1) * 256 + 4 + C)
         pieces.append(dict(rows=R, chunk=chunk, chunks=C, fused=fused, fill_bytes=4 * R * words,
                            score_bytes=0 if fused else 4 * R * T, launches=5 + (not fused), fills=4))
@@ -191,12 +194,12 @@ def _route_rows(q_idx, k_idx, k: int, offset: int, be: str, start):
     B, L, D = q_idx.shape
     T = k_idx.shape[1]
     R = B * L
-    chunk, C = _chunking(T, R)
+    fused = L <= _FUSED_MAX_L
+    chunk, C = _chunking(T, R, fused)
     S = max(1, chunk // _SCORE_KEYS)
     prm = mx.array([T, L, offset, k, chunk, C, S, 0], dtype=mx.int32)
     grid = (R * C * _TG, 1, 1)
     tg = (_TG, 1, 1)
-    fused = L <= _FUSED_MAX_L
     if fused:
         q = mx.contiguous(q_idx).reshape(R, D)
         (sw,) = _kernel(be, "route_score")(
