@@ -28,6 +28,7 @@ from mlx_lm import server as mlx_server
 from mlx_lm.models.cache import LRUPromptCache
 
 from . import mlx_lm_hooks as hooks
+from .conversation import context_limit, model_identity
 from .loading import load, one_line, resolve, shipped_model
 from .prefix_cache import FOLDER, MIN_TOKENS, PrefixCache
 
@@ -202,6 +203,7 @@ class ModelProvider(mlx_server.ModelProvider):
         model, tokenizer = load(model_path, tokenizer_config=self._tokenizer_config, adapter_path=adapter_path)
         self.model_key = (model_path, adapter_path, None)
         self.model, self.tokenizer, self.processor = model, tokenizer, None
+        self.context_limit = context_limit(model)
         self.is_batchable = all(hasattr(c, "merge") for c in model.make_cache())
 
     def load(self, model_path, adapter_path=None, draft_model_path=None):
@@ -352,7 +354,7 @@ class APIHandler(mlx_server.APIHandler):
 
     def handle_completion(self, request, stop_words):
         model, tokenizer = self.provider.model, self.provider.tokenizer
-        vocab, limit = model.args.vocab_size, model.args.max_seq_len
+        vocab, limit, seq_len = model.args.vocab_size, self.provider.context_limit, model.args.max_seq_len
         try:
             try:
                 done = self.response_generator.tokenize(request, self.chat_template_kwargs)
@@ -365,14 +367,15 @@ class APIHandler(mlx_server.APIHandler):
                 if bad is not None:
                     raise RequestError(f"{where}: token {str(bad)[:40]} is not a token id of this model "
                                        f"(0..{vocab - 1})", param=where)
-            if limit > 0 and len(prompt) >= limit:
-                raise RequestError(f"the prompt is {len(prompt)} tokens; the model's context limit (max_seq_len) is "
-                                   f"{limit} tokens, the reply included", param="messages" if request.messages
-                                   else "prompt")
+            if len(prompt) >= limit:
+                why = (f"the model's context limit (max_seq_len) is {limit} tokens" if limit == seq_len else
+                       f"this server's context limit is {limit} tokens (one request's cache must fit in half the "
+                       f"memory; the model's max_seq_len is {seq_len})")
+                raise RequestError(f"the prompt is {len(prompt)} tokens; {why}, the reply included",
+                                   param="messages" if request.messages else "prompt")
         except RequestError as e:
             return self.refuse(e)
-        if limit > 0:
-            self.max_tokens = min(self.max_tokens, limit - len(prompt))
+        self.max_tokens = min(self.max_tokens, limit - len(prompt))
         segments, types = done[1], done[2]
         k = max((i + 1 for i, t in enumerate(types) if t == "system"), default=0)
         request.tokenized, request.client = done, self
@@ -402,7 +405,7 @@ class APIHandler(mlx_server.APIHandler):
     def handle_models_request(self):
         model = self.provider.model
         entry = {"id": self.provider.name, "object": "model", "created": self.created, "owned_by": "clsa-mlx",
-                 "context_length": model.args.max_seq_len if model is not None else None}
+                 "context_length": self.provider.context_limit if model is not None else None}
         wanted = self.path.split("?")[0].rstrip("/")[len("/v1/models"):].lstrip("/")
         if wanted and wanted not in self.provider.names:
             return self.refuse(RequestError(f"model {wanted[:80]!r} is not served here", 404))
@@ -465,8 +468,6 @@ def start(args):
     provider = ModelProvider(args)
     disk = None
     if args.prefix_cache_dir:
-        from .conversation import model_identity
-
         disk = PrefixCache(model_identity(resolve(args.model)), Path(args.prefix_cache_dir).expanduser(),
                            args.prefix_cache_gb, in_memory=0)
     cache = PromptCache(args.prompt_cache_size, disk, lambda: provider.model, args.prompt_cache_bytes or 1 << 63)

@@ -38,12 +38,12 @@ def free_port():
 
 
 @contextmanager
-def serve(folder, tmp_path, *extra, code=None, env=None):
-    """`python -m clsa_mlx.serve` (or `code` run with the same argv) on a free port: yields
-    (port, process, log path)."""
+def serve(folder, tmp_path, *extra, code=None, env=None, command=None):
+    """`python -m clsa_mlx.serve` (or `code`, or `command`, run with the same options) on a free
+    port: yields (port, process, log path)."""
     port, log_path = free_port(), tmp_path / f"serve-{time.monotonic_ns()}.log"
-    argv = [sys.executable, *(["-c", code] if code else ["-m", "clsa_mlx.serve"]), "--model", str(folder),
-            "--port", str(port), "--prefill-step-size", "256", *extra]
+    command = command or [sys.executable, *(["-c", code] if code else ["-m", "clsa_mlx.serve"])]
+    argv = [*command, "--model", str(folder), "--port", str(port), "--prefill-step-size", "256", *extra]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, **(env or {})})
@@ -386,6 +386,23 @@ def test_a_failed_generation_step_is_answered_and_the_server_goes_on(folder, tmp
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
             assert json.loads(r.read())["status"] == "ok"
         assert proc.poll() is None
+
+
+@pytest.mark.e2e  # a second server
+def test_answers_equal_mlx_lm_servers_on_the_same_folder(server, folder, tmp_path):
+    """The same requests to `mlx_lm.server --trust-remote-code` on the same folder: the same text."""
+    port, _, _ = server
+    system = {"role": "system", "content": "You answer questions about documents. " * 5}
+    chats = [[system, {"role": "user", "content": f"Question {i}: " + "what does it say? " * (9 * i + 1)}]
+             for i in range(3)]
+    ours = [complete(port, p, stream=s) for p, s in zip(PROMPTS, [False, True] * 2)]
+    ours_chat = [chat(port, c)[0] for c in chats]
+    mlx_lm = [sys.executable, "-m", "mlx_lm", "server", "--trust-remote-code"]
+    with serve(folder, tmp_path, command=mlx_lm) as (theirs, _, _):
+        assert [complete(theirs, p, stream=s) for p, s in zip(PROMPTS, [False, True] * 2)] == ours
+        assert [chat(theirs, c)[0] for c in chats] == ours_chat
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(lambda p: complete(theirs, p), PROMPTS)) == [complete(port, p) for p in PROMPTS]
 
 
 # -- the hooks into mlx-lm's internals ---------------------------------------------------------------
