@@ -51,7 +51,8 @@ def start(cmd, port, log_path):
                 return proc
         except OSError:
             time.sleep(1)
-    os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
     sys.exit(f"the server did not start; see {log_path}")
 
 
