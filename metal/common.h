@@ -49,8 +49,9 @@ FN uint as_key(float score) { return score_key(score); }
 
 // Threadgroup histograms are HC copies of 256 bins: warp w counts into copy w % HC, so the
 // few bins that take most keys (a score key's top byte is its sign and exponent) spread their
-// atomics over HC addresses.
-constexpr int HC = 4;
+// atomics over HC addresses (an enumerator: Metal takes program-scope variables only in
+// `constant` memory, a word CUDA lacks).
+enum { HC = 4 };
 template <typename H>
 FN uint bin_count(H h, uint j) {
   uint v = 0u;

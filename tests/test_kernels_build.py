@@ -155,3 +155,14 @@ def test_sources_mostly_shared():
     for be in ("metal", "cuda"):
         own = len((d / f"dialect_{be}.h").read_text()) + len((d / f"prologue_{be}.inc").read_text())
         assert shared / (shared + own) >= 0.9, (be, shared, own)
+
+
+def test_no_program_scope_variables():
+    """Metal takes program-scope variables only in `constant` memory, which neither plain C++
+    nor OpenCL's program-scope globals check: the shared headers declare none."""
+    import re
+
+    d = kernels.SOURCE_DIR
+    for f in ("common.h", "dialect_metal.h", "dialect_cuda.h"):
+        bad = re.findall(r"^(?:static\s+)?(?:constexpr|const)\s+[\w:<>]+\s+\w+\s*(?:=|\[|;)", (d / f).read_text(), re.M)
+        assert not bad, (f, bad)
