@@ -50,7 +50,11 @@ def comment_text(line):
 def description(text, at):
     """A comment's or paragraph's first sentence: -> (sentence, offset) or None."""
     m = re.match(r"(?:[^\n]|\n(?![ \t]*(?:\n|[-*+#|]|$)))*?[.!?](?=\s|$)", text[at:at + MAX_DESCRIPTION + 1])
-    sentence = m.group(0) if m else text[at:].split("\n", 1)[0].rstrip()
+    line, _, rest = text[at:].partition("\n")
+    # without a sentence's end, a line that stands alone (not the start of a longer sentence)
+    after = re.sub(r"^[ \t]*(?:#+|//+|\*)?[ \t]*", "", rest.split("\n", 1)[0])
+    alone = not after or after[0] in "-*+|" or after[0].isupper()
+    sentence = m.group(0) if m else line.rstrip() if alone else ""
     words = sentence.split()
     if len(words) < 3 or not sentence[0].isalpha() or len(sentence) > MAX_DESCRIPTION or "=" in sentence:
         return None
@@ -222,6 +226,12 @@ def stated(term, text, start, end):
     return None
 
 
+def term_like(term):
+    """A man page's tag: an option or a keyword, not words of a sentence."""
+    return bool(re.fullmatch(r"[-+]*[\w.:\[\]=\",<>|/ -]{1,50}", term)) and len(term.split()) <= 4 \
+        and not term.endswith((".", ":", ","))
+
+
 def term_blocks(text, fmt):
     """(term, description start, paragraph end) of man-page tags, Markdown list items and
     headings, reStructuredText directives and definition lists."""
@@ -234,9 +244,9 @@ def term_blocks(text, fmt):
             m = re.match(r"^( +)(\S(?:\S| (?! ))*)( {2,})(\S.*)$", line)
             nxt = lines[i + 1][0]
             deeper = len(nxt) - len(nxt.lstrip()) if nxt.strip() else 0
-            if m and len(m.group(1) + m.group(2) + m.group(3)) - indent >= 3:
+            if m and term_like(m.group(2)) and (deeper == m.start(4) or not nxt.strip()):
                 body, col = at + m.start(4), m.start(4)
-            elif deeper >= indent + 3 and len(line.strip()) <= 50:
+            elif deeper >= indent + 3 and term_like(line.strip()):
                 body, col = lines[i + 1][1] + deeper, deeper
             else:
                 continue
@@ -355,6 +365,7 @@ def prose_facts(text):
             if s.split()[0] in ("The", "A", "An"):
                 s = s[0].lower() + s[1:]
             base = {"has": "have", "does": "do"}.get(v, v[:-1] if v.endswith("s") and v not in ("is", "was") else v)
+            v = {"written": "wrote"}.get(v, v)
             q = question.format(s=s, v=v, base=base, n=m.groupdict().get("n"))
             if q[0].islower():
                 q = q[0].upper() + q[1:]
