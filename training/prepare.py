@@ -3,9 +3,11 @@ sentencepiece tokenizer trained on them, and the same tokenizer as Hugging Face 
 chat template (DIR/hf) for the model folder.
 
   python training/prepare.py DIR [--tokenizer OLD_DIR] [--packages PKG_DIR ...] [--fetched CACHE]
+  python training/prepare.py DIR --refresh
     OLD_DIR: a folder whose tokenizer to reuse (to continue a model); PKG_DIR: more packages to
     read, installed with `pip install --no-deps --target PKG_DIR ...` (not imported); CACHE:
-    training/fetch.py's folder (packages of many formats)
+    training/fetch.py's folder (packages of many formats); --refresh: the documents of DIR again,
+    their formats and facts found anew (after a change to training/formats.py or extract.py)
   -> DIR/docs.jsonl.xz (each document with its format and facts), DIR/tokenizer.model, DIR/hf/,
      DIR/licences.json, DIR/stats.json (documents, facts and held-out sources per format)
 """
@@ -22,6 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from training.data import CHAT_TEMPLATE, SPECIALS, part_of, train_tokenizer  # noqa: E402
 from training.extract import doc_facts  # noqa: E402
 from training.facts import facts  # noqa: E402
+from training.formats import format_of  # noqa: E402
 from training.sources import documents  # noqa: E402
 
 MAX_GROUP_CHARS = 15_000_000  # torch alone has 56 MB of sources: keep any one package from dominating
@@ -99,7 +102,7 @@ def split(d):
     return part_of(d["group"], d["format"])
 
 
-def main(out, tokenizer=None, extra=(), fetched=None):
+def main(out, tokenizer=None, extra=(), fetched=None, refresh=False):
     import shutil
 
     import sentencepiece as spm
@@ -110,19 +113,28 @@ def main(out, tokenizer=None, extra=(), fetched=None):
     for folder in [*extra, *([fetched] if fetched else [])]:
         if not pathlib.Path(folder).is_dir():
             sys.exit(f"{folder}: no such folder")
+    if refresh and not (out / "docs.jsonl.xz").is_file():
+        sys.exit(f"{out}/docs.jsonl.xz: no such file")
     out.mkdir(parents=True, exist_ok=True)
-    docs = list(capped(documents(extra, fetched)))
+    if refresh:
+        with lzma.open(out / "docs.jsonl.xz", "rt") as f:
+            docs = [json.loads(line) for line in f]
+        for d in docs:
+            d["format"] = format_of(d["name"], d["origin"], d["text"])
+    else:
+        docs = list(capped(documents(extra, fetched)))
     with multiprocessing.Pool() as pool:  # once here, not in every training worker
         found = pool.starmap(all_facts, [(d["name"], d["text"], d["format"]) for d in docs], chunksize=16)
     for d, f in zip(docs, found):
         d["facts"] = f
-    with lzma.open(out / "docs.jsonl.xz", "wt", preset=6) as f:
+    with lzma.open(out / "docs.jsonl.xz.partial", "wt", preset=6) as f:
         for d in docs:
             f.write(json.dumps(d) + "\n")
+    (out / "docs.jsonl.xz.partial").replace(out / "docs.jsonl.xz")
     train_text = [d["text"] for d in docs if split(d) == "train"]
     if tokenizer:
         shutil.copy(pathlib.Path(tokenizer) / "tokenizer.model", out / "tokenizer.model")
-    else:
+    elif not refresh:
         (out / "corpus.txt").write_text("\n\n".join(train_text))
         train_tokenizer(out / "corpus.txt", out / "tokenizer")
         (out / "corpus.txt").unlink()
@@ -166,5 +178,6 @@ if __name__ == "__main__":
     p.add_argument("--tokenizer", help="a prepared folder whose tokenizer to reuse instead of training one")
     p.add_argument("--packages", nargs="*", default=[], help="folders of packages to read as well")
     p.add_argument("--fetched", help="training/fetch.py's cache folder, read as well")
+    p.add_argument("--refresh", action="store_true", help="find the formats and facts of DIR's documents anew")
     a = p.parse_args()
-    main(a.out, a.tokenizer, a.packages, a.fetched)
+    main(a.out, a.tokenizer, a.packages, a.fetched, a.refresh)
