@@ -233,15 +233,33 @@ class ResponseGenerator(hooks.ResponseGenerator):
         return list(prompt), [list(s) for s in segments], list(types), state, vision
 
     def on_request(self, item):
-        self.waiting.add(item[0])
+        q = item[0]
+        if not hasattr(q, "item"):  # note whether a token went out
+            put = q.put
+
+            def put_noting(x, *a, **k):
+                q.started = q.started or isinstance(x, mlx_server.Response)
+                put(x, *a, **k)
+
+            q.item, q.started, q.put = item, False, put_noting
+        self.waiting.add(q)
 
     def on_failure(self, e):
+        """The failed step's requests are served again, each alone (as mlx-lm serves a request
+        with a seed), but for those that fail alone and streams with tokens already sent: they get
+        the error. (A reply that is not streamed goes out whole, so it can start over.)"""
         if self.model_provider.model is None:  # the model did not load: nothing to serve
             self.load_error, self._stop = e, True
             return
-        logging.error(f"generation failed, its requests get an error: {one_line(e)}")
+        logging.error(f"generation failed: {one_line(e)}")
         for q in list(self.waiting):
-            q.put(GenerationError(f"generation failed: {one_line(e, 200)}"))
+            _, request, args = q.item
+            if getattr(request, "alone", False) or q.started and request.client.stream:
+                q.put(GenerationError(f"generation failed: {one_line(e, 200)}"))
+            else:
+                request.alone = True
+                args.seed = 0 if args.seed is None else args.seed
+                self.requests.put(q.item)
         self.waiting = weakref.WeakSet()
         gc.collect()
         mx.clear_cache()
@@ -273,11 +291,18 @@ class ResponseGenerator(hooks.ResponseGenerator):
                 progress_callback(cached + done, cached + total)
             client.progress(cached + done, cached + total)  # over the whole prompt, its cached part done
 
-        def watched(responses):
+        def watched(responses, kept):
+            """The responses, until the client goes; a request served again after a failed step
+            (a new context) starts over: what `kept` holds of the first try is dropped."""
+            nonlocal ctx
             try:
                 for r in responses:
                     if client.gone():
                         raise ClientGone()
+                    if isinstance(r, mlx_server.GenerationContext):
+                        ctx = r
+                        kept.clear()
+                        continue
                     yield r
             except BaseException:
                 stop()
@@ -286,11 +311,17 @@ class ResponseGenerator(hooks.ResponseGenerator):
         try:
             ctx, responses = super().generate(request, args, progress_callback=progress)
             request.stop = stop
-            responses = watched(responses)
-            if not client.stream:  # all of it first: a failure becomes an error reply, not a cut connection
-                responses = iter(list(responses))
-        except GenerationError:
-            client.error_status = 500
+            if client.stream:
+                responses = watched(responses, [])
+            else:  # all of it first: a failure becomes an error reply, not a cut connection
+                kept = []
+                for r in watched(responses, kept):
+                    kept.append(r)
+                responses = iter(kept)
+        except ClientGone:
+            raise
+        except Exception as e:  # from the generation thread: mlx-lm would answer 404
+            client.error_status = getattr(e, "status", 500)
             raise
         return ctx, responses
 
@@ -382,11 +413,13 @@ class APIHandler(mlx_server.APIHandler):
         request.prefix = prompt[: sum(len(s) for s in segments[:k])] or None
         try:
             super().handle_completion(request, stop_words)
-        except GenerationError as e:  # mid-stream: the headers are out, the error goes as an event
-            self.wfile.write(f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
         except (BrokenPipeError, ConnectionResetError, ClientGone):
             getattr(request, "stop", lambda: None)()
+        except Exception as e:  # mid-stream: the headers are out, the error goes as an event
+            if not self.stream:
+                raise
+            error = {"message": f"generation failed: {one_line(e, 200)}", "type": "server_error"}
+            self.wfile.write(f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode())
 
     def gone(self) -> bool:
         """Has the client closed its connection? (Readable with nothing to read.)"""

@@ -356,13 +356,14 @@ def test_prompt_cache_writes_document_prefixes_and_reads_them_back(folder, tmp_p
 
 # -- a failed step ---------------------------------------------------------------------------------
 
-# The model fails (as an allocation would) on any input holding a 333-token chunk.
+# The model fails (as an allocation would) on any prompt chunk that holds a "~" (id 93), in a batch
+# with others too.
 FAULTY = """
 import sys
 from clsa_mlx.model import Model
 call = Model.__call__
 def failing(self, inputs, *a, **k):
-    if inputs.shape[-1] == 333:
+    if inputs.shape[-1] > 1 and (inputs == 93).any().item():
         raise RuntimeError("[malloc] Unable to allocate 1e12 bytes (injected)")
     return call(self, inputs, *a, **k)
 Model.__call__ = failing
@@ -376,13 +377,26 @@ main()
 def test_a_failed_generation_step_is_answered_and_the_server_goes_on(folder, tmp_path):
     with serve(folder, tmp_path, "--prefill-step-size", "2048", code=FAULTY) as (port, proc, log):
         before = complete(port, PROMPTS[2])
-        status, out = request(port, "/v1/completions", dict(prompt="f" * 334, max_tokens=4))
+        status, out = request(port, "/v1/completions", dict(prompt="~" * 334, max_tokens=4))
         assert status == 500 and "Unable to allocate" in out["error"], out  # mlx-lm's error reply
-        status, events = request(port, "/v1/completions", dict(prompt="f" * 334, max_tokens=4, stream=True))
+        status, events = request(port, "/v1/completions", dict(prompt="~" * 334, max_tokens=4, stream=True))
         assert status == 200 and "Unable to allocate" in events[-1]["error"]["message"], events
         assert complete(port, PROMPTS[2]) == before
-        with ThreadPoolExecutor(4) as pool:
-            assert list(pool.map(lambda p: complete(port, p), PROMPTS)) == [complete(port, p) for p in PROMPTS]
+        alone = [complete(port, p) for p in PROMPTS]
+        long = dict(max_tokens=300, logit_bias=NO_EOS)
+        long_alone = complete(port, PROMPTS[1], **long)
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(lambda p: complete(port, p), PROMPTS)) == alone
+            # one reply decoding (not streamed), then prompts prefilled in one padded batch with the
+            # failing one: all are served again alone and get their answers; the failing one its error
+            decoding = pool.submit(complete, port, PROMPTS[1], **long)
+            time.sleep(0.5)
+            faulty = pool.submit(request, port, "/v1/completions", dict(prompt="~" * 334, max_tokens=4))
+            others = [pool.submit(complete, port, p, s) for p, s in zip(PROMPTS[:3], [False, True, False])]
+            assert [f.result() for f in others] == alone[:3]
+            status, out = faulty.result()
+            assert status == 500 and "Unable to allocate" in out["error"]
+            assert decoding.result() == long_alone
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as r:
             assert json.loads(r.read())["status"] == "ok"
         assert proc.poll() is None
