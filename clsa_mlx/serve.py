@@ -358,6 +358,9 @@ class APIHandler(mlx_server.APIHandler):
         self.error_status = None
         if self.path not in ("/v1/completions", "/v1/chat/completions", "/chat/completions"):
             return super().do_POST()
+        origin, allowed = self.headers.get("Origin"), self.response_generator.cli_args.allowed_origins
+        if origin is not None and origin not in allowed and "*" not in allowed:  # a web page's request
+            return self.refuse(RequestError(f"requests from {origin[:80]} are not allowed (--allowed-origins)", 403))
         length = self.headers.get("Content-Length", "")
         if not length.isdigit() or int(length) > MAX_BODY:
             return self.refuse(RequestError(f"Content-Length must be a number of bytes up to {MAX_BODY}",

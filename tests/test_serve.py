@@ -210,7 +210,8 @@ def test_bad_bodies_are_refused_and_the_server_goes_on(server):
     port, proc, log = server
     before = complete(port, PROMPTS[0])
     bodies = [(b"{not json", {}, 400), (b"\xff\xfe", {}, 400), (b"[" * 100000 + b"]" * 100000, {}, 400),
-              (b'{"prompt": "hi"}', {"Content-Length": "99999999999"}, 413)]
+              (b'{"prompt": "hi"}', {"Content-Length": "99999999999"}, 413),
+              (b'{"prompt": "hi"}', {"Origin": "http://evil.example", "Content-Type": "text/plain"}, 403)]
     for raw, headers, status in bodies:
         got, out = request(port, "/v1/completions", None, raw=raw, headers=headers)
         assert got == status, out
