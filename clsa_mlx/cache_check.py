@@ -69,58 +69,72 @@ def _integer(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def reference(model) -> list:
+    """The caches the model itself writes for one token: what every loaded cache is held to (its
+    classes, window sizes, and each array's dtype and shape but for the rows), for any
+    architecture. Made once per model."""
+    ref = model.__dict__.get("_cache_reference")
+    if ref is None:
+        ref = model.make_cache()
+        model.__dict__.setdefault("_caches_checked", []).append(ref)  # not checked against itself
+        model(mx.array([[0]]), cache=ref)
+        mx.eval([c.state for c in ref])
+        model.__dict__["_cache_reference"] = ref
+    return ref
+
+
 def check_cache(model, cache, n_tokens=None):
-    """Raises CacheError unless `cache` is state `model.make_cache()` could hold: the same classes
-    and window sizes, arrays of the model's dtype and head shapes, integer offsets within their
-    buffers, and one length (the global K/V's) shared by every cache (and equal to `n_tokens`)."""
-    fresh = model.make_cache()
-    if not isinstance(cache, list) or len(cache) != len(fresh):
+    """Raises CacheError unless `cache` is state the model could have written: the classes and
+    window sizes of its own caches, arrays of their dtypes and shapes, integer offsets within their
+    buffers, and one length (the shared K/V's) held by every cache (and equal to `n_tokens`)."""
+    ref = reference(model)
+    if not isinstance(cache, list) or len(cache) != len(ref):
         raise CacheError(f"{len(cache) if isinstance(cache, list) else type(cache).__name__} caches, "
-                         f"the model has {len(fresh)}")
-    n_self = len(model.self_decoder.layers)
-    dtype = model.cross_decoder.kv_layer_norm.weight.dtype
-    length = cache[n_self].offset
+                         f"the model has {len(ref)}")
+    shared = len(model.self_decoder.layers)  # the K/V every cross layer reads comes right after
+    length = cache[shared].offset if hasattr(cache[shared], "offset") else None
     if not _integer(length) or length < 0:
-        raise CacheError(f"cache {n_self}: offset {repr(length)[:40]} is not a length")
-    for i, (c, f, (heads, kd, vd)) in enumerate(zip(cache, fresh, model.cache_shapes())):
-        if type(c).__name__ != type(f).__name__ or not isinstance(c, getattr(mlx_cache, type(f).__name__)):
-            raise CacheError(f"cache {i} is a {type(c).__name__}, the model's is a {type(f).__name__}")
-        if isinstance(f, mlx_cache.ArraysCache):
-            _check_state(i, c, length, (1, heads, kd, vd))
+        raise CacheError(f"cache {shared}: offset {repr(length)[:40]} is not a length")
+    for i, (c, r) in enumerate(zip(cache, ref)):
+        if type(c).__name__ != type(r).__name__ or not isinstance(c, getattr(mlx_cache, type(r).__name__)):
+            raise CacheError(f"cache {i} is a {type(c).__name__}, the model's is a {type(r).__name__}")
+        if isinstance(r, mlx_cache.ArraysCache):
+            _check_state(i, c, r, length)
         else:
-            _check_rows(i, c, f, length, dtype, (heads, kd, vd))
+            _check_rows(i, c, r, length)
     if n_tokens is not None and length != n_tokens:
         raise CacheError(f"the cache holds {length} tokens, its token list {n_tokens}")
 
 
-def _check_state(i, c, length, shape):
-    if not (isinstance(c.cache, list) and len(c.cache) == 1 and c.left_padding is None and c.lengths is None):
-        raise CacheError(f"cache {i}: not one retention state")
-    s = c.cache[0]
-    if s is None:
-        if length:
-            raise CacheError(f"cache {i}: no retention state after {length} tokens")
-        return
-    if not isinstance(s, mx.array) or tuple(s.shape) != shape or s.dtype != mx.float32:
-        raise CacheError(f"cache {i}: retention state {_describe(s)}, expected float32 {shape}")
+def _check_state(i, c, r, length):
+    if not (isinstance(c.cache, list) and len(c.cache) == len(r.cache) and c.left_padding is None
+            and c.lengths is None):
+        raise CacheError(f"cache {i}: not the model's {len(r.cache)} state arrays")
+    for j, (s, want) in enumerate(zip(c.cache, r.cache)):
+        if s is None and not length:
+            continue
+        if not (isinstance(s, mx.array) and s.dtype == want.dtype and s.shape == want.shape):
+            raise CacheError(f"cache {i}: state {j} {_describe(s)} after {length} tokens, expected {want.dtype} "
+                             f"{tuple(want.shape)}")
 
 
-def _check_rows(i, c, f, length, dtype, shape):
-    heads, kd, vd = shape
+def _check_rows(i, c, r, length):
     if not _integer(c.offset) or c.offset != length:
-        raise CacheError(f"cache {i}: offset {repr(c.offset)[:40]}, the global K/V's is {length}")
-    window = isinstance(f, mlx_cache.RotatingKVCache)
-    if window and not (_integer(c.max_size) and c.max_size == f.max_size and c.keep == 0 and _integer(c._idx)):
+        raise CacheError(f"cache {i}: offset {repr(c.offset)[:40]}, the shared K/V's is {length}")
+    window = isinstance(r, mlx_cache.RotatingKVCache)
+    if window and not (_integer(c.max_size) and c.max_size == r.max_size and c.keep == r.keep == 0
+                       and _integer(c._idx)):
         raise CacheError(f"cache {i}: window {repr(c.max_size)[:20]}, keep {repr(c.keep)[:20]}, "
-                         f"index {repr(c._idx)[:20]}; the model's window is {f.max_size}, keep 0")
+                         f"index {repr(c._idx)[:20]}; the model's window is {r.max_size}, keep 0")
     if c.keys is None or c.values is None:
         if c.keys is not None or c.values is not None or length:
             raise CacheError(f"cache {i}: {length} tokens without both keys and values")
         return
-    for name, a, d in (("keys", c.keys, kd), ("values", c.values, vd)):
-        if not (isinstance(a, mx.array) and a.ndim == 4 and a.dtype == dtype and tuple(a.shape[:2]) == (1, heads)
-                and a.shape[3] == d and a.shape[2] == c.keys.shape[2]):
-            raise CacheError(f"cache {i}: {name} {_describe(a)}, expected {dtype} (1, {heads}, rows, {d})")
+    for name, a, want in (("keys", c.keys, r.keys), ("values", c.values, r.values)):
+        if not (isinstance(a, mx.array) and a.ndim == 4 and a.dtype == want.dtype and a.shape[:2] == want.shape[:2]
+                and a.shape[3] == want.shape[3] and a.shape[2] == c.keys.shape[2]):
+            raise CacheError(f"cache {i}: {name} {_describe(a)}, expected {want.dtype} "
+                             f"(1, {want.shape[1]}, rows, {want.shape[3]})")
     rows = c.keys.shape[2]
     if not window:
         ok = length <= rows
