@@ -358,3 +358,16 @@ def test_fetched_files_are_read_by_the_licences_that_may_cover_them(tmp_path):
     assert not any("adduser2" in o or "copyleft" in o or "unfinished" in o for o, _ in got)
     assert {o for o, _ in got if o.startswith("npm:")} == {
         "npm:okay/package.json", "npm:okay/README.md", "npm:either/package.json", "npm:either/README.md"}
+
+
+def test_python_facts_read_source_segments_as_ast_does():
+    """The fast source segments (ASCII text) against ast.get_source_segment (taken for other text)."""
+    import sysconfig
+    from pathlib import Path
+
+    from training.facts import python_facts
+
+    for module in ("ftplib.py", "configparser.py", "smtplib.py"):
+        text = (Path(sysconfig.get_paths()["stdlib"]) / module).read_text()
+        fast = python_facts(text)
+        assert len(fast) > 50 and fast == python_facts(text + "# caf\u00e9\n")

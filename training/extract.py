@@ -424,11 +424,12 @@ def copyright_facts(text):
     return unique(out, lambda f: (f[0], f[1], f[4].get("question")))
 
 
-def doc_facts(name, text, fmt):
-    """Every fact of one document, in document order."""
+def doc_facts(name, text, fmt, python=None):
+    """Every fact of one document, in document order. `python`: its python_facts, if found before."""
     if fmt == "python":
+        python = python_facts(text) if python is None else python
         found = [["setting", s, a, at, dict(path=s.split(".")[:-1])] if k == "value" else
-                 ["describe", s, a, at, dict(path=[])] for k, s, a, at in python_facts(text) if k in ("value", "doc")]
+                 ["describe", s, a, at, dict(path=[])] for k, s, a, at in python if k in ("value", "doc")]
         found = [[f[0], f[1].rsplit(".", 1)[-1] if f[0] == "setting" else f[1], *f[2:]] for f in found]
     elif fmt == "debian-copyright":
         found = copyright_facts(text)

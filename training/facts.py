@@ -84,11 +84,18 @@ def python_facts(text):
     def at(node):
         return starts[node.lineno - 1] + node.col_offset
 
+    def source(node):
+        """ast.get_source_segment without splitting the whole text again for every node (that
+        made a large module quadratic); offsets are in UTF-8 bytes, so only ASCII text."""
+        if not text.isascii():
+            return ast.get_source_segment(text, node)
+        return text[at(node):starts[node.end_lineno - 1] + node.end_col_offset]
+
     for kind, name, node in nodes:
         if counts[name] != 1:
             continue
         if kind == "value":
-            segment = ast.get_source_segment(text, node)
+            segment = source(node)
             if short(segment):
                 facts.append(("value", name, segment, at(node)))
             continue
@@ -107,7 +114,7 @@ def python_facts(text):
         pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
         pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
         for arg, default in pairs:
-            segment = ast.get_source_segment(text, default)
+            segment = source(default)
             if short(segment) and default.lineno == node.lineno:
                 facts.append(("default", f"{name} {arg.arg}", segment, at(default)))
     return facts

@@ -95,7 +95,8 @@ FETCHED = ("debian-pkg:", "npm:", "pypi-sdist:")
 
 
 def all_facts(name, text, fmt):
-    return facts(name, text) + doc_facts(name, text, fmt)
+    found = facts(name, text)
+    return found + doc_facts(name, text, fmt, [f for f in found if f[0] != "mention"])
 
 
 def split(d):
