@@ -296,7 +296,8 @@ class Sampler:
         a lookup kind, a synthetic one, "lookup" (any lookup) or None (lookups LOOKUP_SHARE of the time)."""
         if kind is None:
             kind = "lookup" if self.rng.random() < LOOKUP_SHARE else self.rng.choice(SYNTHETIC)
-            if kind == "lookup" and (self.rng.random() >= OLD_SHARE or not any(self.kinds.values())):
+            old, new = any(self.kinds.values()), any(self.subjects.values())
+            if kind == "lookup" and new and (self.rng.random() >= OLD_SHARE or not old):
                 kind = "document"
         chars = int((length - 24) * CHARS_PER_TOKEN)
         share = chars if self.rng.random() < 0.3 else max(600, int(chars * self.rng.uniform(0.05, 1.0)))
