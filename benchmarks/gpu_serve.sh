@@ -5,10 +5,12 @@
 #                                                    resumable: finished rows are kept)
 #   bash benchmarks/gpu_serve.sh serve [--out DIR]   requests/s, p50/p95 at 1/4/16 clients, 32K prompts,
 #                                                    clsa-serve beside mlx_lm.server (bench_serve.py)
-# -> DIR/bench_batch_step_paper-4b.json + .log, DIR/bench_serve_paper-4b.json + .log (DIR default:
-#    benchmarks/results)
+#   bash benchmarks/gpu_serve.sh prefill [--out DIR] one client, 128K-token prompts, one token: the prefill
+#                                                    through each server's prompt loop
+# -> DIR/bench_batch_step_paper-4b.json, DIR/bench_serve_paper-4b.json, DIR/bench_serve_prefill_paper-4b.json
+#    and their .log (DIR default: benchmarks/results)
 set -o pipefail
-MODE=${1:?usage: gpu_serve.sh step|serve [--out DIR]}; shift
+MODE=${1:?usage: gpu_serve.sh step|serve|prefill [--out DIR]}; shift
 OUT=benchmarks/results
 while [ $# -gt 0 ]; do
   case $1 in --out) OUT=$2; shift 2 ;; *) echo "unknown option: $1" >&2; exit 2 ;; esac
@@ -26,5 +28,9 @@ case $MODE in
     python3 benchmarks/bench_serve.py --config paper-4b --folder /tmp/clsa-paper-4b-random --prompt-tokens 32768 \
       --max-tokens 64 --requests 16 --mlx-lm --out "$OUT/bench_serve_paper-4b.json" 2>&1 |
       tee "$OUT/bench_serve_paper-4b.log" ;;
-  *) echo "unknown mode: $MODE (step or serve)" >&2; exit 2 ;;
+  prefill)
+    python3 benchmarks/bench_serve.py --config paper-4b --folder /tmp/clsa-paper-4b-random --prompt-tokens 131000 \
+      --max-tokens 1 --clients 1 --requests 3 --mlx-lm --out "$OUT/bench_serve_prefill_paper-4b.json" 2>&1 |
+      tee "$OUT/bench_serve_prefill_paper-4b.log" ;;
+  *) echo "unknown mode: $MODE (step, serve or prefill)" >&2; exit 2 ;;
 esac
