@@ -8,7 +8,8 @@ Each client sends its requests one after another; every request has its own prom
 hits) of --prompt-tokens tokens and asks for exactly --max-tokens tokens (greedy, end of text
 banned). `--config` builds a random-weight bf16 folder of that configuration (a byte tokenizer)
 under --folder first. Latency is from the request's send to its last byte. Writes
-results/bench_serve_<name>.json with machine, versions and commit.
+results/bench_serve_<name>.json with machine, versions and commit; the servers' logs go to the
+temporary folder.
 """
 
 import argparse
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -144,7 +146,7 @@ def main():
     for server, cmd in servers.items():
         port = free_port()
         proc = start([*cmd, "--model", str(folder), "--port", str(port), "--decode-concurrency", "32",
-                      "--prompt-concurrency", "8"], port, out.with_suffix(f".{server}.log"))
+                      "--prompt-concurrency", "8"], port, Path(tempfile.gettempdir()) / f"{out.stem}.{server}.log")
         try:
             for clients in args.clients:
                 row = dict(server=server, **measure(port, clients, args.requests, prompts[1:], args.max_tokens, eos))
