@@ -347,3 +347,13 @@ def test_packages_of_an_extra_folder_are_read_by_their_files_and_licence(tmp_pat
     found = [d for d in packages([tmp_path]) if d["origin"].startswith(("pypi:demo-lib", "pypi:copyleft-lib"))]
     assert [(d["origin"], d["group"], d["license"], d["text"]) for d in found] == [
         ("pypi:demo-lib/handlers.py", "pypi:demo-lib", "MIT", body)]
+
+
+def test_prepare_refresh_refuses_a_folder_without_documents(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "training" / "prepare.py"), str(tmp_path / "out"), "--refresh"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == f"{tmp_path / 'out'}/docs.jsonl.xz: no such file"
+    assert not (tmp_path / "out").exists()
