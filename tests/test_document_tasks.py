@@ -371,3 +371,13 @@ def test_python_facts_read_source_segments_as_ast_does():
         text = (Path(sysconfig.get_paths()["stdlib"]) / module).read_text()
         fast = python_facts(text)
         assert len(fast) > 50 and fast == python_facts(text + "# caf\u00e9\n")
+
+
+def test_a_signature_over_lines_is_quoted_whole():
+    """A parameter list wrapped over lines (the stdlib's SMTP.__init__) is one answer, as written."""
+    text = ("class SMTP:\n    def __init__(self, host='', port=0,\n                 timeout=30,\n"
+            "                 source_address=None):\n        pass\n\n    def quit(self):\n        pass\n")
+    found = {(f[0], f[1]): f[2] for f in old_facts("smtp.py", text)}
+    assert found[("signature", "SMTP.__init__")] == text[text.index("(self"):text.index("None)") + 5]
+    assert found[("default", "SMTP.__init__ timeout")] == "30"
+    assert ("signature", "SMTP.quit") not in found  # (self) alone: nothing to ask

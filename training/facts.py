@@ -15,7 +15,7 @@ import collections
 import random
 import re
 
-MAX_VALUE, MAX_LINE = 48, 120
+MAX_VALUE, MAX_LINE, MAX_SIGNATURE = 48, 120, 400
 KINDS = ("value", "signature", "default", "doc", "mention")
 
 QUESTIONS = {
@@ -109,15 +109,34 @@ def python_facts(text):
         m = re.match(r"(?:async\s+)?def\s+\w+\s*(\(.*\))\s*(?:->.*)?:\s*(#.*)?$", header)
         if m and len(m.group(1)) <= MAX_LINE and m.group(1) not in ("()", "(self)", "(cls)"):
             facts.append(("signature", name, m.group(1), at(node) + m.start(1)))
+        elif not m:
+            wrapped = parameters_over_lines(text, text.index("(", at(node)))
+            if wrapped:
+                facts.append(("signature", name, *wrapped))
         args = node.args
         positional = args.posonlyargs + args.args
         pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
         pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
         for arg, default in pairs:
             segment = source(default)
-            if short(segment) and default.lineno == node.lineno:
+            if short(segment):
                 facts.append(("default", f"{name} {arg.arg}", segment, at(default)))
     return facts
+
+
+def parameters_over_lines(text, start):
+    """A parameter list written over several lines, as written: -> (text, offset) or None."""
+    depth = 0
+    for i in range(start, min(len(text), start + MAX_SIGNATURE)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            segment = text[start:i + 1]
+            try:
+                ast.parse(f"def f{segment}: pass")
+            except SyntaxError:
+                return None
+            return (segment, start) if "\n" in segment and segment.count("\n") <= 8 else None
+    return None
 
 
 DEFINE = re.compile(r"^#\s*define\s+([A-Za-z_]\w*)[ \t]+(\S[^\n]*?)\s*(?:/\*.*)?$", re.M)
