@@ -420,6 +420,20 @@ def test_answers_equal_mlx_lm_servers_on_the_same_folder(server, folder, tmp_pat
             assert list(pool.map(lambda p: complete(theirs, p), PROMPTS)) == [complete(port, p) for p in PROMPTS]
 
 
+@pytest.mark.e2e  # a server each
+@pytest.mark.parametrize("arch", [dict(index_topk=0), dict(index_topk=0, sliding_window=None,
+                                                           self_decoder="gated_retention")], ids=["yoco", "retention"])
+def test_dense_yoco_and_retention_models_are_served_too(arch, tmp_path):
+    folder = make_tiny_folder(tmp_path / "model", seed=5, max_seq_len=LIMIT, **arch)
+    with serve(folder, tmp_path, "--prefix-cache-dir", "") as (port, _, log):
+        alone = [complete(port, p) for p in PROMPTS]
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(lambda a: complete(port, *a), zip(PROMPTS, [False, True] * 2))) == alone
+        status, out = request(port, "/v1/completions", dict(prompt="x" * LIMIT))
+        assert status == 400 and f"max_seq_len) is {LIMIT}" in out["error"]["message"]
+        assert "Traceback" not in log.read_text()
+
+
 # -- the hooks into mlx-lm's internals ---------------------------------------------------------------
 
 
