@@ -49,9 +49,16 @@ def restricted(sampler, fmt):
     return out
 
 
+def unquoted(text):
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`" else text
+
+
 def ask(chat, question, answer):
+    """`right`: the reply is the answer, a pair of quotes around either aside (`"#fff"` for the value
+    `#fff` of `color = "#fff"`); `verbatim`: exactly."""
     reply = "".join(chat.ask(question, max_tokens=MAX_REPLY)).strip()
-    return dict(right=reply == answer, stopped=chat.last.finish_reason == "stop",
+    return dict(right=unquoted(reply) == unquoted(answer), verbatim=reply == answer,
+                stopped=chat.last.finish_reason == "stop",
                 abstained=reply.startswith(ABSTAIN.rstrip(".")), unanswerable=answer == ABSTAIN,
                 question=question, answer=answer, reply=reply[:300])
 
@@ -189,6 +196,8 @@ def main():
     results = json.loads(out.read_text()) if out.exists() else {}
     if results.get("settings") != settings:
         results = dict(settings=settings, tasks=[])
+    for row in (row for t in results["tasks"] for row in t["turns"].values()):  # scored as now
+        row.update(right=unquoted(row["reply"]) == unquoted(row["answer"]), verbatim=row["reply"] == row["answer"])
     results.update(model=str(args.model), machine=machine(), formats=formats,
                    held_out_formats=sorted(HELD_OUT_FORMATS), index_topk=clsa.args.index_topk)
     done = collections.Counter((t["length"], t["format"], t["label"]) for t in results["tasks"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import clsa_mlx
+from benchmarks.eval_documents import unquoted
 from tests.test_document_tasks import DOCS
 from training.data import part_of
 from training.extract import doc_facts
@@ -41,9 +42,14 @@ def test_documents_are_asked_through_the_chat_and_resume(tmp_path):
     for t in tasks:
         row = t["turns"]["clsa"]
         assert row["answer"] == ABSTAIN if t["label"] == "unanswerable" else any(row["answer"] in x for x in texts)
-        assert row["right"] == (row["reply"] == row["answer"])
+        assert row["verbatim"] == (row["reply"] == row["answer"])
+        assert row["right"] == (unquoted(row["reply"]) == unquoted(row["answer"]))
     every = results["summary"]["clsa"]["600"]["all"]
     assert every["n"] == len(tasks) and every["exact"] == sum(t["turns"]["clsa"]["right"] for t in tasks) / len(tasks)
     assert (tmp_path / "d.png").stat().st_size > 10_000
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0 and json.loads((tmp_path / "d.json").read_text())["tasks"] == tasks
+
+
+def test_a_pair_of_quotes_around_a_value_is_not_counted():
+    assert unquoted('"#fff"') == "#fff" == unquoted("#fff") and unquoted("'a") == "'a" and unquoted('"') == '"'

@@ -211,9 +211,10 @@ def settings_facts(text, fmt):
     return out
 
 
+# the value ends the clause: "The default is 22." (not "defaults to current directory")
 DEFAULT = re.compile(r"(?:[Tt]he )?[Dd]efault(?: value| setting)? is:?[ \n]+"
-                     r"(?:``|\"|')?([\w./:~@%+-]+?)(?:''|\"|')?[.,;]?(?=\s|$)"
-                     r"|[Dd]efaults to:?[ \n]+(?:``|\"|')?([\w./:~@%+-]+?)(?:''|\"|')?[.,;]?(?=\s|$)")
+                     r"(?:``|\"|')?([\w./:~@%+-]+?)(?:''|\"|')?(?:[.,;)](?=\s|$)|$)"
+                     r"|[Dd]efaults to:?[ \n]+(?:``|\"|')?([\w./:~@%+-]+?)(?:''|\"|')?(?:[.,;)](?=\s|$)|$)", re.M)
 NOT_VALUES = {"to", "not", "the", "a", "an", "that", "set", "used", "this", "for", "as", "is", "in", "taken", "given"}
 
 
