@@ -221,6 +221,7 @@ def main():
                 print(f"{length} {fmt}: clsa {sum(rows)}/{len(rows)} ({time.time() - t0:.0f}s)", flush=True)
                 results["summary"] = aggregate(results["tasks"], models)
                 out.write_text(json.dumps(results, indent=1))
+            plot(results, args.out_dir / f"{args.name}.png")  # what a run stopped by a time limit leaves
     if args.regression_samples:
         earlier = [d for d in docs if part_of(d["group"]) == "heldout" and d["format"] not in HELD_OUT_FORMATS
                    and not d["origin"].startswith(("debian-pkg:", "npm:", "pypi-sdist:"))]
