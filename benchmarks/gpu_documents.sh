@@ -3,7 +3,8 @@
 # 8-bit, the one to ship at ~24.6 MB; small: fp16, ~23.6 MB), evaluate each and the shipped model
 # (BASELINE) on the same questions with benchmarks/eval_documents.py at 1K-32K (one process per
 # model, at once; each resumes from its JSON if run again), pack what comes back.
-#   [MODELS="big small"] [BASELINE=clsa_mlx/shipped] [SAMPLES=1] bash benchmarks/gpu_documents.sh /tmp/run DATA
+#   [MODELS="big small"] [BASELINE=clsa_mlx/shipped] [SAMPLES=1] [LENGTHS="1024 4096 16384 32768"] [EVAL_S=480]
+#     bash benchmarks/gpu_documents.sh /tmp/run DATA
 #   -> $OUT/documents_*.png, $OUT/shipped.tar.* (the big 8-bit folder, or small alone),
 #      $OUT/documents.tar.gz (documents_*.json, eval and training logs)
 set -o pipefail
@@ -16,8 +17,9 @@ convert() {  # checkpoint, folder, extra flags
   [ -f "$2/config.json" ] || python3 convert.py --torch-path "$1" --mlx-path "$2" --dtype float16 --tokenizer "$DATA/hf" \
     "${@:3}" 2>&1 | tail -3
 }
-E="timeout ${EVAL_S:-480} python3 benchmarks/eval_documents.py --data $DATA --out-dir $R --lengths 1024 4096 16384 32768
-   --samples ${SAMPLES:-1} --regression-samples ${REGRESSION_SAMPLES:-3} --ppl-windows 4"
+E="timeout ${EVAL_S:-480} python3 benchmarks/eval_documents.py --data $DATA --out-dir $R
+   --lengths ${LENGTHS:-1024 4096 16384 32768} --samples ${SAMPLES:-1} --regression-samples ${REGRESSION_SAMPLES:-3}
+   --ppl-windows 4"
 SHIP=
 for m in $MODELS; do
   if [ "$m" = big ]; then
