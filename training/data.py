@@ -152,7 +152,7 @@ class Sampler:
             d = self.docs[self.rng.randrange(len(self.docs))]
             take = min(chars, int(math.exp(self.rng.uniform(math.log(200), math.log(max(201, chars))))))
             _, text = self.window(d["text"], take)
-            if not any(a in text for a in avoid):
+            if text.strip() and not any(a in text for a in avoid):  # the chat refuses an empty file
                 files.append((d["name"], text))
                 chars -= len(text) + len(d["name"]) + 8
         return files
@@ -252,7 +252,7 @@ class Sampler:
             d, found = self.docs[i], self.new_facts[i]
             if label == "unanswerable":
                 _, text = self.window(d["text"], chars)
-                asked = self.abstain_question(d.get("format"), [text])
+                asked = self.abstain_question(d.get("format"), [text]) if text.strip() else None
                 if asked:
                     (q, a), subject = asked
                     return (d["name"], text), [(q, a)], label, [subject]
