@@ -287,6 +287,7 @@ def test_chat_tasks_answer_from_their_files_or_abstain():
             files, qa, kind = s.chat_parts(900, label)
             assert kind == label
             texts = [t for _, t in files]
+            assert all(t.strip() for t in texts)  # the chat refuses an empty file
             for q, a in qa:
                 if a == tasks.ABSTAIN:
                     assert label != "unanswerable" or qa[0][1] == a
