@@ -232,6 +232,9 @@ def test_paraphrases_differ_from_the_identifier():
     phrases = {tasks.paraphrase(random.Random(i), "PASS_MAX_DAYS") for i in range(40)}
     assert "password maximum days" in phrases and any("largest" in p or "highest" in p for p in phrases)
     assert tasks.paraphrase(random.Random(0), "Port") is None  # one word, nothing to say otherwise
+    assert all(tasks.paraphrase(random.Random(i), "_") is None for i in range(10))  # no words at all
+    assert all(tasks.ask(random.Random(i), ["setting", "_", "1", 0, dict(path=[])], [], "paraphrase") is None
+               for i in range(10))
 
 
 def test_follow_ups_refer_back_without_the_name():

@@ -91,6 +91,8 @@ def paraphrase(rng, name, path=()):
     if len(out) >= 3 and rng.random() < 0.5:
         out = out[1:] + ["of", "the", out[0]]
     phrase = " ".join(out)
+    if not phrase:  # a name of no words (`_`, `$`) has no paraphrase
+        return None
     if path and rng.random() < 0.5:
         phrase += f" in the {' '.join(words_of(path[-1]))} section"
     if re.search(rf"(?<!\w){re.escape(name.lower())}(?!\w)", phrase.lower()):  # not a paraphrase
