@@ -69,6 +69,8 @@ def check_route(be, B, L, T, D, k, offset, dtype, kind, seed, strided=False, sta
                 if not ((g[m:] == -1).all() and (m == 0 or ((np.diff(g[:m]) > 0).all() and g[0] >= lo[b] and g[m - 1] < n))):
                     ok = False
                     continue
+                if m == 0:  # a row with no valid position: nothing selected, checked above
+                    continue
                 row = s[b, l, lo[b]:n]
                 g = g - lo[b]
                 tol = 1e-5 * max(1.0, np.abs(row).max())

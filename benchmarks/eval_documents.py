@@ -126,8 +126,10 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = results["summary"]
-    lengths = sorted(int(n) for n in s["clsa"])
+    s = results.get("summary", {})
+    lengths = sorted(int(n) for n in s.get("clsa", {}))
+    if not lengths:  # a regression-only run (--formats none)
+        return
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     width = 0.8 / len(lengths)
     for ax, key, names in ((axes[0], "label", LABELS), (axes[1], "format", results["formats"])):

@@ -1,6 +1,7 @@
 """`generate` / `stream_generate`: mlx-lm's loop and arguments, plus the model's context limit
 and a prompt loop that keeps its scratch buffers."""
 
+import numbers
 import time
 from dataclasses import replace
 from typing import List, Union
@@ -27,9 +28,9 @@ def encode(tokenizer, prompt: Union[str, List[int], mx.array], vocab_size: int) 
     else:
         ids = prompt.tolist() if isinstance(prompt, mx.array) else list(prompt)
     for i, t in enumerate(ids):
-        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
+        if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab_size:
             raise ValueError(f"prompt token {i}: {repr(t)[:40]} is not a token id of this model (0..{vocab_size - 1})")
-    return ids
+    return [int(t) for t in ids]
 
 
 def context_used(model, prompt_cache) -> int:
@@ -75,6 +76,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, group=None,
     goes through `prefill` (`chunk_seconds`: its chunk timing, not for a sharded model, whose
     ranks must run the same chunks); mlx-lm's loop takes it from there. A model sharded over
     `group` runs the same on every rank."""
+    if not isinstance(max_tokens, numbers.Integral) or isinstance(max_tokens, bool):
+        raise ValueError(f"max_tokens must be an integer, got {max_tokens!r}")
     if kwargs.get("kv_bits"):
         raise ValueError("kv_bits: KV-cache quantization is not supported for CLSA/YOCO caches")
     step = kwargs.get("prefill_step_size", 2048)

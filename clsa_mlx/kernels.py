@@ -162,7 +162,9 @@ def route(q_idx, k_idx, k: int, offset: int, be: str, start=None):
     for b0, b1, l0, l1 in pieces:
         q = q_idx[b0:b1, l0:l1]
         kk, st = (k_idx, start) if b1 - b0 == B else (k_idx[b0:b1], start[b0:b1])
-        out.setdefault(b0, []).append(_route_rows(q, kk, k, offset + l0, be, st))
+        part = _route_rows(q, kk, k, offset + l0, be, st)
+        mx.eval(part)  # one piece's scratch at a time: left lazy, every piece's buffers were live at once
+        out.setdefault(b0, []).append(part)
     rows = [mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0] for parts in out.values()]
     return mx.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
 

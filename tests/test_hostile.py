@@ -1058,14 +1058,12 @@ def test_fuzzed_tokenizer_ids_load_only_within_the_embedding(tmp_path_factory, i
 
 # Open: the fixes belong to clsa_mlx/generate.py and clsa_mlx/model.py (strict: a fix turns these into failures
 # until the mark goes).
-@pytest.mark.xfail(strict=True, reason="generate.py refuses numpy integers as token ids")
 def test_numpy_integer_prompts_in_range_are_token_ids(tiny):
     model, tokenizer = tiny
     assert clsa_mlx.generate(model, tokenizer, [np.int64(5), np.int32(7)], max_tokens=2) == \
         clsa_mlx.generate(model, tokenizer, [5, 7], max_tokens=2)
 
 
-@pytest.mark.xfail(strict=True, reason="generate.py passes max_tokens=4.5 to MLX (std::bad_cast)")
 def test_a_fractional_max_tokens_is_named(tiny):
     with pytest.raises(ValueError, match="max_tokens"):
         clsa_mlx.generate(*tiny, "hi", max_tokens=4.5)
