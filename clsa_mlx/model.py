@@ -474,16 +474,20 @@ class Model(nn.Module):
             _resize(c, B, heads, size, kd, c.values.shape[3], c.keys.dtype)
 
     def sanitize(self, weights: dict) -> dict:
-        """mlx-lm calls this on a folder's arrays before loading them: every tensor is floating
-        point, but a quantized layer's packed weight and (mxfp) scales."""
-        for k, v in weights.items():
-            base = k.rsplit(".", 1)[0]
-            packed = f"{base}.scales" in weights and k.endswith((".weight", ".scales"))
-            if not (mx.issubdtype(v.dtype, mx.floating) or packed and v.dtype in (mx.uint32, mx.uint8)):
-                raise ValueError(f"tensor {k} has dtype {v.dtype}, not a floating-point type")
-        return weights
+        return floating_weights(weights)
 
     @property
     def quant_predicate(self):
         # The router is tiny and decides what every cross layer sees: keep it exact.
         return lambda path, module: "indexer" not in path
+
+
+def floating_weights(weights: dict) -> dict:
+    """mlx-lm calls `sanitize` on a folder's arrays before loading them: every tensor is floating
+    point, but a quantized layer's packed weight and (mxfp) scales."""
+    for k, v in weights.items():
+        base = k.rsplit(".", 1)[0]
+        packed = f"{base}.scales" in weights and k.endswith((".weight", ".scales"))
+        if not (mx.issubdtype(v.dtype, mx.floating) or packed and v.dtype in (mx.uint32, mx.uint8)):
+            raise ValueError(f"tensor {k} has dtype {v.dtype}, not a floating-point type")
+    return weights

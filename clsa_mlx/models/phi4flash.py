@@ -22,6 +22,7 @@ from mlx_lm.models.base import BaseModelArgs, create_attention_mask, create_ssm_
 from mlx_lm.models.cache import ArraysCache, KVCache
 
 from ..cache import RotatingKVCache, refuse_max_kv_size
+from ..model import floating_weights
 from ..window import window_attention
 
 
@@ -532,12 +533,7 @@ class Model(nn.Module):
     def sanitize(self, weights: dict) -> dict:
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)  # a tied model reads the embedding
-        for k, v in weights.items():
-            base = k.rsplit(".", 1)[0]
-            packed = f"{base}.scales" in weights and k.endswith((".weight", ".scales"))
-            if not (mx.issubdtype(v.dtype, mx.floating) or packed and v.dtype in (mx.uint32, mx.uint8)):
-                raise ValueError(f"tensor {k} has dtype {v.dtype}, not a floating-point type")
-        return weights
+        return floating_weights(weights)
 
     @property
     def quant_predicate(self):
