@@ -2,7 +2,7 @@
 real-document lookups per length (CLSA and dense twin) and CLSA per kind at one length.
 
     python benchmarks/compare_quality.py --out OUT/quality_versions \
-        old=OLD/quality.json new=benchmarks/results/quality.json
+        old=OLD/quality.json new=NEW/quality.json
 """
 
 import argparse
