@@ -157,7 +157,10 @@ def fla_config_to_args(cfg: dict, weights: dict, where: str) -> ModelArgs:
         cross_qk_norm, cross_rope, rope_style, embed_scale, n_self_kv_heads, max_seq_len.
         tie_word_embeddings with no lm_head in the file: the head is a copy of the embedding.
     """
-    sd = dict(cfg.get("self_decoder_attn") or {})
+    sd = cfg.get("self_decoder_attn") or {}
+    if not isinstance(sd, dict):
+        raise ConvertError(f"{where}: self_decoder_attn must be an object, not {type(sd).__name__}")
+    sd = dict(sd)
     cd = dict(cfg.get("cross_decoder_attn") or {})
     kind = sd.get("type", "gated_deltanet")
     if kind not in ("gated_retention", "swa"):

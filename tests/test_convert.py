@@ -578,10 +578,20 @@ def bad_fla_deltanet(tmp_path):
     return src, "gated_deltanet"
 
 
+def bad_fla_attn_not_object(tmp_path):
+    model, args = make_model("retention-dense")
+    src = write_hf(model, args, tmp_path / "src", "safetensors", "fla")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["self_decoder_attn"] = ["gated_retention"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src, "self_decoder_attn must be an object"
+
+
 BAD = [bad_missing_params, bad_missing_config, bad_missing_key, bad_missing_fla_key, bad_missing_fairseq_key,
        bad_unexpected_key, bad_unexpected_fla_key,
        bad_shape, bad_dtype, bad_complex, bad_truncated_pth, bad_corrupted_pth, bad_truncated_safetensors,
-       bad_missing_shard, bad_pickle_code, bad_params_value, bad_params_unknown_key, bad_fla_deltanet]
+       bad_missing_shard, bad_pickle_code, bad_params_value, bad_params_unknown_key, bad_fla_deltanet,
+       bad_fla_attn_not_object]
 
 
 @pytest.mark.parametrize("make_bad", BAD, ids=[f.__name__[4:] for f in BAD])
