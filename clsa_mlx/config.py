@@ -5,6 +5,9 @@ from typing import Optional
 
 from mlx_lm.models.base import BaseModelArgs
 
+# Any one size past this is no model's, and past 2**31 MLX overflows while building a layer.
+MAX_SIZE = 1 << 24
+
 
 @dataclass
 class ModelArgs(BaseModelArgs):
@@ -77,8 +80,8 @@ class ModelArgs(BaseModelArgs):
         for name in ("dim", "n_layers", "hidden_dim", "n_self_heads", "n_attn_heads", "n_attn_kv_heads", "vocab_size",
                      "n_self_kv_heads", "index_head_dim"):
             v = getattr(self, name)
-            if not integer(v) or v <= 0:
-                problems.append(f"{name} must be a positive integer, got {repr(v)[:40]}")
+            if not integer(v) or not 0 < v <= MAX_SIZE:
+                problems.append(f"{name} must be an integer from 1 to {MAX_SIZE}, got {repr(v)[:40]}")
         for name in ("max_seq_len", "index_topk"):
             if not integer(getattr(self, name)):
                 problems.append(f"{name} must be an integer, got {repr(getattr(self, name))[:40]}")
@@ -119,6 +122,8 @@ def check_weights(args: ModelArgs, shapes: dict) -> None:
                             f"{len(found)}")
     for key, name, axis in (("dim", "layer_norm.weight", 0), ("vocab_size", "output_projection.weight", 0),
                             ("vocab_size", "embed_tokens.weight", 0),
+                            ("index_head_dim", "cross_decoder.indexer.q_proj.weight", 0),
+                            ("index_head_dim", "cross_decoder.indexer.k_proj.weight", 0),
                             ("hidden_dim", "self_decoder.layers.0.ffn.fc1.weight", 0)):
         shape = shapes.get(name, (None, None))[1]
         if shape is not None and (len(shape) <= axis or shape[axis] != getattr(args, key)):

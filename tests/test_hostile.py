@@ -257,8 +257,9 @@ def test_decode_steps_clamp_instead_of_reading_outside_the_embedding(tiny):
 
 @pytest.mark.parametrize("key,value,message", [
     ("rope_theta", 0, "rope_theta must be a positive finite number"),
-    ("n_self_heads", 0, "n_self_heads must be a positive integer"),
-    ("dim", "64", "dim must be a positive integer, got '64'"),
+    ("n_self_heads", 0, "n_self_heads must be an integer from 1 to"),
+    ("dim", "64", "dim must be an integer from 1 to 16777216, got '64'"),
+    ("index_head_dim", 2**31, "index_head_dim must be an integer from 1 to 16777216, got 2147483648"),
     ("model_type", "llama", "model_type must be 'clsa' or 'yoco'"),
     ("norm_eps", float("nan"), "norm_eps must be a positive finite number"),
     ("sliding_window", -4, "sliding_window must be a positive integer or null"),
@@ -902,9 +903,10 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_building(tmp_pat
     config = json.loads((folder / "config.json").read_text())
     for change, match in (({"n_layers": 200_000}, "n_layers 200000 means 100000 self_decoder layers, the weights "
                                                    "hold 2"),
-                          ({"dim": 2**40, "n_self_heads": 1, "n_self_kv_heads": 1, "n_attn_heads": 1, "n_attn_kv_heads": 1},
-                           "dim 1099511627776, but layer_norm.weight has shape"),
-                          ({"hidden_dim": 10**12}, "hidden_dim 1000000000000, but")):
+                          ({"dim": 2**23, "n_self_heads": 1, "n_self_kv_heads": 1, "n_attn_heads": 1, "n_attn_kv_heads": 1},
+                           "dim 8388608, but layer_norm.weight has shape"),
+                          ({"hidden_dim": 10**7}, "hidden_dim 10000000, but"),
+                          ({"index_head_dim": 2**23}, "index_head_dim 8388608, but cross_decoder.indexer.q_proj")):
         (folder / "config.json").write_text(json.dumps({**config, **change}))
         t, rss = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         with pytest.raises(ValueError, match=match) as e:
