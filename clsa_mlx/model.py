@@ -364,28 +364,12 @@ class Model(nn.Module):
         n = len(self.self_decoder.layers)
         kv_cache = cache[n]
         if input_embeddings is None:
-            input_embeddings = self.embed_tokens(self._vocabulary_ids(inputs, kv_cache)) * self.args.embed_scale
+            input_embeddings = self.embed_tokens(vocabulary_ids(inputs, self.args.vocab_size, kv_cache.keys is None)) * self.args.embed_scale
         index_cache = cache[n + 1] if self.args.sparse else None
         offset = kv_cache.offset
         x = self.self_decoder(input_embeddings, cache[:n], offset)
         x = self.cross_decoder(x, kv_cache, index_cache, offset)
         return self.output_projection(self.layer_norm(x))
-
-    def _vocabulary_ids(self, inputs, kv_cache):
-        """An id outside the vocabulary reads outside the embedding (a segfault on the CPU).
-        Prompt chunks and first calls (host lists in mlx-lm) are checked, one sync each; decode
-        steps feed sampled ids and are clamped only, as is everything under mx.compile."""
-        V = self.args.vocab_size
-        if inputs.shape[-1] > 1 or kv_cache.keys is None:
-            bad = (inputs < 0) | (inputs >= V)
-            try:
-                found = bad.any().item()
-            except ValueError:  # traced (mlx-lm's compiled training step): no eval allowed
-                found = False
-            if found:
-                first = inputs.reshape(-1)[mx.argmax(bad.reshape(-1))].item()
-                raise ValueError(f"token id {first} is outside the vocabulary (0..{V - 1})")
-        return mx.clip(inputs, 0, V - 1)
 
     @property
     def layers(self):
@@ -491,3 +475,19 @@ def floating_weights(weights: dict) -> dict:
         if not (mx.issubdtype(v.dtype, mx.floating) or packed and v.dtype in (mx.uint32, mx.uint8)):
             raise ValueError(f"tensor {k} has dtype {v.dtype}, not a floating-point type")
     return weights
+
+
+def vocabulary_ids(inputs, V: int, first_call: bool):
+    """An id outside the vocabulary reads outside the embedding (a segfault on the CPU).
+    Prompt chunks and first calls (host lists in mlx-lm) are checked, one sync each; decode
+    steps feed sampled ids and are clamped only, as is everything under mx.compile."""
+    if inputs.shape[-1] > 1 or first_call:
+        bad = (inputs < 0) | (inputs >= V)
+        try:
+            found = bad.any().item()
+        except ValueError:  # traced (mlx-lm's compiled training step): no eval allowed
+            found = False
+        if found:
+            first = inputs.reshape(-1)[mx.argmax(bad.reshape(-1))].item()
+            raise ValueError(f"token id {first} is outside the vocabulary (0..{V - 1})")
+    return mx.clip(inputs, 0, V - 1)

@@ -22,7 +22,7 @@ from mlx_lm.models.base import BaseModelArgs, create_attention_mask, create_ssm_
 from mlx_lm.models.cache import ArraysCache, KVCache
 
 from ..cache import RotatingKVCache, refuse_max_kv_size
-from ..model import floating_weights
+from ..model import floating_weights, vocabulary_ids
 from ..window import window_attention
 
 
@@ -449,22 +449,9 @@ class Model(nn.Module):
         if cache is None:
             cache = self.make_cache()
         if input_embeddings is None:
-            input_embeddings = self.model.embed_tokens(self._vocabulary_ids(inputs, cache))
+            input_embeddings = self.model.embed_tokens(vocabulary_ids(inputs, self.args.vocab_size, cache[-1].keys is None))
         x = self.model(input_embeddings, cache)
         return self.lm_head(x) if "lm_head" in self else self.model.embed_tokens.as_linear(x)
-
-    def _vocabulary_ids(self, inputs, cache):
-        V = self.args.vocab_size
-        if inputs.shape[-1] > 1 or cache[-1].keys is None:
-            bad = (inputs < 0) | (inputs >= V)
-            try:
-                found = bad.any().item()
-            except ValueError:  # traced under mx.compile
-                found = False
-            if found:
-                first = inputs.reshape(-1)[mx.argmax(bad.reshape(-1))].item()
-                raise ValueError(f"token id {first} is outside the vocabulary (0..{V - 1})")
-        return mx.clip(inputs, 0, V - 1)
 
     @property
     def layers(self):
