@@ -211,26 +211,6 @@ def test_compare_bench_takes_medians_per_version(tmp_path, monkeypatch):
     assert got["after"]["route_kernel_b32_ms"] == {} and (tmp_path / "cmp.png").stat().st_size > 1000
 
 
-def test_diag_select_kv_micro(tmp_path):
-    """The select_kv diagnosis runs its variants and writes its summary (references on a CPU)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    ROOT = Path(__file__).resolve().parents[1]
-
-    r = subprocess.run([sys.executable, "benchmarks/diag_select_kv.py", "--T", "1024", "--k", "256", "--reps", "2",
-                        "--iters", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OUT": str(tmp_path)})
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads((tmp_path / "diag_select_kv.json").read_text())
-    assert out["summary"] and all(s["median_ms"] > 0 for s in out["summary"] if "median_ms" in s)
-    bad = subprocess.run([sys.executable, "benchmarks/diag_select_kv.py", "--T", "1024"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--k 2048 is more than the smallest --T 1024" in bad.stderr
-
-
 def test_compare_quality_counts_the_real_lookups_of_each_version(tmp_path):
     import subprocess
     import sys
