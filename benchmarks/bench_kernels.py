@@ -90,7 +90,7 @@ def main():
             chunk, C = kernels._chunking(T)
             S = max(1, chunk // kernels._SCORE_KEYS)
             prm = mx.array([T, 1, T - 1, k, chunk, C, S, 0], dtype=mx.int32)
-            fns["route_score_pass"] = lambda: kernels._kernel(be, "route_score")(
+            fns["route_score_pass"] = lambda q=q, kidx=kidx: kernels._kernel(be, "route_score")(
                 inputs=[q.reshape(1, D), kidx, prm, mx.zeros((1,), mx.int32)],
                 template=[("QT", dt), ("KT", dt), ("D", D), ("TG", kernels._TG_SCORE)],
                 grid=(C * S * kernels._TG_SCORE, 1, 1), threadgroup=(kernels._TG_SCORE, 1, 1),

@@ -35,9 +35,9 @@ def copy_bandwidth(iters, log2_bytes: int = 30):
     c = mx.random.normal((1 << (log2_bytes // 2 - 1), 1 << (log2_bytes - log2_bytes // 2))).astype(mx.bfloat16)
     mx.eval(a, b, c)
     for name, fn, nbytes in (
-        ("add_bf16", lambda: a + 1, a.nbytes),
-        ("add_f32", lambda: b + 1, b.nbytes),
-        ("contiguous_of_slice", lambda: mx.contiguous(c[:, 1:]), c.nbytes),
+        ("add_bf16", lambda a=a: a + 1, a.nbytes),
+        ("add_f32", lambda b=b: b + 1, b.nbytes),
+        ("contiguous_of_slice", lambda c=c: mx.contiguous(c[:, 1:]), c.nbytes),
     ):
         ms, _ = timed(fn, iters)
         res[name] = 2 * nbytes / (ms * 1e-3) / 1e9

@@ -27,7 +27,9 @@ from benchmarks.common import machine, timed  # noqa: E402
 from clsa_mlx import window  # noqa: E402
 from clsa_mlx.model import split_heads  # noqa: E402
 from clsa_mlx.window import (  # noqa: E402
-    window_attention_blocks, window_attention_blocks_compiled, window_attention_ref,
+    window_attention_blocks,
+    window_attention_blocks_compiled,
+    window_attention_ref,
 )
 
 

@@ -34,7 +34,13 @@ from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models.base import create_attention_mask  # noqa: E402
 
 from benchmarks.bench_models import (  # noqa: E402
-    ARCHS, CONFIGS, build, filled_cache, prefill_tps, warm_prefill, weights_bytes,
+    ARCHS,
+    CONFIGS,
+    build,
+    filled_cache,
+    prefill_tps,
+    warm_prefill,
+    weights_bytes,
 )
 from benchmarks.common import machine  # noqa: E402
 from clsa_mlx import Model  # noqa: E402

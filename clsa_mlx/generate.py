@@ -11,7 +11,6 @@ from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.generate import stream_generate as _mlx_lm_stream_generate
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-
 RESERVE_MAX = 4096  # cache room for generated tokens allocated up front (beyond it the cache grows)
 
 

@@ -66,7 +66,9 @@ def select_kv_ref(q_idx, k_idx, keys, values, k: int, start=None):
         return mx.take_along_axis(keys, rows, axis=2), mx.take_along_axis(values, rows, axis=2), idx
     rows = mx.maximum(idx, 0)[:, None, :, None]
     zero = (idx < 0)[:, None, :, None]
-    gather = lambda a: mx.where(zero, 0, mx.take_along_axis(a, rows, axis=2)).astype(a.dtype)
+    def gather(a):
+        return mx.where(zero, 0, mx.take_along_axis(a, rows, axis=2)).astype(a.dtype)
+
     return gather(keys), gather(values), idx
 
 

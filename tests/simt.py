@@ -21,9 +21,8 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
-
 import mlx.core as mx
+import numpy as np
 
 from clsa_mlx import kernels
 

@@ -182,6 +182,7 @@ def test_routing_bytes_counts_what_the_emulated_kernels_access():
     # The counted model of a decode token's routing traffic against the same routing run on
     # the SIMT emulator, which counts each element its launches touch.
     import simt
+
     from benchmarks import routing_bytes
 
     if simt.compiler() is None:

@@ -18,9 +18,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
-from convert_fixtures import (LAYOUTS, ROOT, VARIANTS, make_model, state_dict, write_hf, write_official,
-                              write_tokenizer)
+from convert_fixtures import LAYOUTS, ROOT, VARIANTS, make_model, state_dict, write_hf, write_official, write_tokenizer
 
 import clsa_mlx  # noqa: E402
 from clsa_mlx import torch_pickle  # noqa: E402

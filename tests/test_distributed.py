@@ -2,9 +2,9 @@
 logits and greedy tokens as one process, 1/N of the global K/V per rank, mlx-lm's own commands."""
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx

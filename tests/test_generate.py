@@ -51,8 +51,11 @@ def test_mlx_lm_commands_run_the_folder_without_python(folder, loaded, command):
 
     args = ["--prompt", "Once upon a time", "--max-tokens", "10", "--ignore-chat-template"] if command == "generate" else \
         ["-p", "32", "-g", "8", "-n", "1", "-b", "4"]  # batch 4: mlx-lm's batch_generate
-    run = lambda *extra: subprocess.run([sys.executable, "-m", "mlx_lm", command, "--model", str(folder), *args, *extra],
-                                        capture_output=True, text=True, timeout=300)
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "mlx_lm", command, "--model", str(folder), *args, *extra],
+                              capture_output=True, text=True, timeout=300)
+
     refused = run()
     assert refused.returncode != 0 and "trust_remote_code" in refused.stderr
     assert "Model type clsa not supported" not in refused.stderr

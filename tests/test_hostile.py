@@ -15,10 +15,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from convert_fixtures import ROOT, make_model, write_hf, write_official, write_tokenizer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-from convert_fixtures import ROOT, make_model, write_hf, write_official, write_tokenizer
 
 import clsa_mlx
 from clsa_mlx import torch_pickle

@@ -15,11 +15,17 @@ import shutil
 import subprocess
 
 import pytest
+from kernel_units import (
+    SHIMS,
+    cuda_unit,
+    dispatched,
+    instance_id,
+    metal_unit,
+    opencl_unit,
+    threadgroup_bytes,
+)
 
 from clsa_mlx import kernels
-from kernel_units import (
-    SHIMS, cuda_unit, dispatched, instance_id, metal_unit, opencl_unit, threadgroup_bytes,
-)
 
 INSTANCES = dispatched()
 METAL_THREADGROUP_LIMIT = 32 * 1024

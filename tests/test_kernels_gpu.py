@@ -2,10 +2,9 @@
 Skips where no kernel backend is available; the full sweep is
 benchmarks/check_kernels_gpu.py."""
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
 
 from clsa_mlx import kernels, sparse
 

@@ -6,14 +6,13 @@ emulator must catch."""
 
 import shutil
 
+import mlx.core as mx
 import numpy as np
 import pytest
+import simt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import mlx.core as mx
-
-import simt
 from clsa_mlx import kernels, sparse
 
 pytestmark = pytest.mark.skipif(simt.compiler() is None, reason="no C++ compiler")

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from clsa_mlx import Model, ModelArgs  # noqa: E402
 from torch_ref.model import Model as TorchModel  # noqa: E402
 from torch_ref.model import ModelArgs as TorchArgs  # noqa: E402
-
-from clsa_mlx import Model, ModelArgs  # noqa: E402
 
 BASE = dict(dim=64, n_layers=4, hidden_dim=96, n_self_heads=4, n_attn_heads=4, n_attn_kv_heads=2,
             vocab_size=101, index_head_dim=16)

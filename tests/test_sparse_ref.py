@@ -1,11 +1,10 @@
 """The pure-MLX references in clsa_mlx.sparse against naive numpy, on CPU."""
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import mlx.core as mx
 
 from clsa_mlx import kernels, sparse
 

@@ -13,8 +13,13 @@ from mlx.utils import tree_map
 from mlx_lm.generate import generate_step, speculative_generate_step
 from mlx_lm.models import llama
 from mlx_lm.models.cache import (
-    BatchRotatingKVCache, RotatingKVCache, can_trim_prompt_cache, load_prompt_cache, make_prompt_cache,
-    save_prompt_cache, trim_prompt_cache,
+    BatchRotatingKVCache,
+    RotatingKVCache,
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
 )
 from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import save_config, save_model

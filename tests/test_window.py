@@ -6,7 +6,10 @@ import pytest
 from mlx_lm.models.base import create_causal_mask
 
 from clsa_mlx.window import (
-    window_attention, window_attention_blocks, window_attention_blocks_compiled, window_attention_ref,
+    window_attention,
+    window_attention_blocks,
+    window_attention_blocks_compiled,
+    window_attention_ref,
 )
 
 

@@ -22,3 +22,25 @@ from .model import (
     tiny_args,
     topk_mask,
 )
+
+__all__ = [
+    "CrossDecoder",
+    "GatedRetention",
+    "Indexer",
+    "Model",
+    "ModelArgs",
+    "SelfDecoder",
+    "SlidingWindowAttention",
+    "apply_rope",
+    "attend",
+    "causal_mask",
+    "indexer_kd_loss",
+    "load_official",
+    "retention_parallel",
+    "retention_recurrent",
+    "retention_step",
+    "rope_freqs",
+    "save_official",
+    "tiny_args",
+    "topk_mask",
+]

@@ -13,13 +13,13 @@ run again continues from it, and a stage already finished (OUT/train_STAGE.json)
 """
 
 import argparse
-from dataclasses import asdict
 import json
 import math
 import os
 import pathlib
 import sys
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
