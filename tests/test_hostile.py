@@ -860,11 +860,19 @@ def test_what_a_session_file_holds_is_printed_escaped(conversation, tmp_path, ca
 
 
 def test_a_document_that_cannot_fit_is_refused_before_it_is_tokenized(tiny, tmp_path):
-    from clsa_mlx.conversation import ChatError, Conversation
+    from clsa_mlx.conversation import Conversation
 
     conv = Conversation(*tiny, "x", max_context=4096)
+    calls = _encoded_lengths_of_a_refused(conv, tmp_path, "x" * 3_000_000)
+    assert not calls and conv.used == 0 and not conv.documents
+
+
+def _encoded_lengths_of_a_refused(conv, tmp_path, text):
+    """Adds `text` as big.txt, which must be refused as too long: the lengths the tokenizer saw."""
+    from clsa_mlx.conversation import ChatError
+
     big = tmp_path / "big.txt"
-    big.write_text("x" * 3_000_000)
+    big.write_text(text)
     calls = []
     encode = conv.tokenizer.encode
     conv.tokenizer.encode = lambda text, *a, **k: calls.append(len(text)) or encode(text, *a, **k)
@@ -873,7 +881,7 @@ def test_a_document_that_cannot_fit_is_refused_before_it_is_tokenized(tiny, tmp_
             conv.add_document(str(big))
     finally:
         conv.tokenizer.encode = encode
-    assert not calls and conv.used == 0 and not conv.documents
+    return calls
 
 
 @pytest.mark.e2e
@@ -1081,20 +1089,11 @@ def test_an_id_outside_the_vocabulary_last_in_an_mlx_lm_prompt_is_refused(tiny):
 def test_a_long_document_is_refused_after_tokenizing_a_head_only(tiny, tmp_path):
     """Where the size bound cannot tell (a tokenizer with long pieces), a head of 8 characters per
     token of room is tokenized, not the whole document."""
-    from clsa_mlx.conversation import ChatError, Conversation
+    from clsa_mlx.conversation import Conversation
 
     conv = Conversation(*tiny, "x", max_context=4096)
     conv._longest = 10**6  # a tokenizer whose longest piece says nothing
-    big = tmp_path / "big.txt"
-    big.write_text("word " * 600_000)
-    calls = []
-    encode = conv.tokenizer.encode
-    conv.tokenizer.encode = lambda text, *a, **k: calls.append(len(text)) or encode(text, *a, **k)
-    try:
-        with pytest.raises(ChatError, match="big.txt is at least .* tokens .*4096 fit"):
-            conv.add_document(str(big))
-    finally:
-        conv.tokenizer.encode = encode
+    calls = _encoded_lengths_of_a_refused(conv, tmp_path, "word " * 600_000)
     assert calls == [8 * 4096] and conv.used == 0 and not conv.documents
     small = tmp_path / "small.txt"
     small.write_text("word " * 600)
